@@ -1,0 +1,1 @@
+"""Minimal pure-PyTorch Stable Diffusion XL."""

@@ -1,0 +1,268 @@
+"""AutoencoderKL (the SDXL VAE) from scratch, with diffusers' parameter names.
+
+`encode(images in [-1, 1])` -> DiagonalGaussian posterior; `decode(unscaled latents)` -> images. The caller
+applies `config.scaling_factor` (latents fed to the UNet are `posterior.sample() * scaling_factor`).
+Sliced (one image at a time) and tiled paths bound the memory of large images. Tiling splits only the
+full-resolution convolutional half (decoder up blocks, encoder down blocks) into overlapping tiles blended
+linearly; the low-resolution half with its global attention always sees the whole image, so tiles agree far
+better than tiling the whole network would (GroupNorm statistics remain per tile); the published SDXL VAE overflows in fp16, so fp16 weights are upcast unless the config says it is safe.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+from .unet import Downsample2D, ResnetBlock2D, Upsample2D
+from .weights import CheckpointError, find_weights, load_into, read_json, read_state_dict, read_weights
+
+_EPS = 1e-6  # every norm in the VAE
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all pixels, with its own GroupNorm and a residual (diffusers names)."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, ch, eps=_EPS)
+        self.to_q = nn.Linear(ch, ch)
+        self.to_k = nn.Linear(ch, ch)
+        self.to_v = nn.Linear(ch, ch)
+        self.to_out = nn.ModuleList([nn.Linear(ch, ch)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        q, k, v = (t.unsqueeze(1) for t in (self.to_q(h), self.to_k(h), self.to_v(h)))  # one head
+        h = self.to_out[0](F.scaled_dot_product_attention(q, k, v).squeeze(1))
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
+
+
+class VAEMidBlock(nn.Module):
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, None, groups, _EPS) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(ch, groups)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, _EPS)
+                                      for i in range(n)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, asymmetric_pad=True)] if downsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in [*self.resnets, *self.downsamplers]:
+            x = m(x)
+        return x
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, _EPS)
+                                      for i in range(n)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in [*self.resnets, *self.upsamplers]:
+            x = m(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, n, g = cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([EncoderBlock(ch[max(i - 1, 0)], ch[i], n, g, i < len(ch) - 1)
+                                          for i in range(len(ch))])
+        self.mid_block = VAEMidBlock(ch[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution, local part (convolutions only): what tiling splits."""
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-resolution part with global attention; always run on the whole image."""
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        ch, n, g = cfg.block_out_channels[::-1], cfg.layers_per_block + 1, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(ch[0], g)
+        self.up_blocks = nn.ModuleList([DecoderBlock(ch[max(i - 1, 0)], ch[i], n, g, i < len(ch) - 1)
+                                        for i in range(len(ch))])
+        self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """The low-resolution part with global attention; always run on the whole image."""
+        return self.mid_block(self.conv_in(z))
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution, local part (convolutions only): what tiling splits."""
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.up(self.head(z))
+
+
+class DiagonalGaussian:
+    """The posterior q(z|x) = N(mean, exp(logvar)); logvar clamped to [-30, 20] as in the reference."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+
+def _blend_mask(h: int, w: int, top: int, left: int, bottom: int, right: int, device, dtype) -> torch.Tensor:
+    """Weights rising linearly over the overlap on each side that has a neighbour, 1 elsewhere."""
+    def ramp(n: int, a: int, b: int) -> torch.Tensor:
+        r = torch.ones(n, device=device, dtype=dtype)
+        if a:
+            r[:a] = torch.arange(1, a + 1, device=device, dtype=dtype) / (a + 1)
+        if b:
+            r[n - b:] = torch.arange(b, 0, -1, device=device, dtype=dtype) / (b + 1)
+        return r
+    return ramp(h, top, bottom)[:, None] * ramp(w, left, right)[None, :]
+
+
+def _tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_ch: int) -> torch.Tensor:
+    """Apply a convolutional `fn` (input size s -> output size s * scale) over overlapping tiles of x.
+
+    Tiles of `tile` input pixels overlap by `overlap`; outputs are blended with linear ramps over the overlap,
+    so memory is bounded by one tile while seams stay invisible.
+    """
+    B, _, H, W = x.shape
+    stride = tile - overlap
+    out = torch.zeros(B, out_ch, int(H * scale), int(W * scale), device=x.device, dtype=torch.float32)
+    weight = torch.zeros(1, 1, out.shape[2], out.shape[3], device=x.device, dtype=torch.float32)
+    starts = lambda n: sorted({min(i, max(n - tile, 0)) for i in range(0, max(n - overlap, 1), stride)})  # noqa
+    ys, xs = starts(H), starts(W)
+    for y in ys:
+        for x0 in xs:
+            part = fn(x[:, :, y:y + tile, x0:x0 + tile]).float()
+            oy, ox, oh, ow = int(y * scale), int(x0 * scale), part.shape[2], part.shape[3]
+            ov = int(overlap * scale)
+            m = _blend_mask(oh, ow, ov if y > 0 else 0, ov if x0 > 0 else 0, ov if y < ys[-1] else 0,
+                            ov if x0 < xs[-1] else 0, x.device, torch.float32)
+            out[:, :, oy:oy + oh, ox:ox + ow] += part * m
+            weight[:, :, oy:oy + oh, ox:ox + ow] += m
+    return (out / weight).to(x.dtype)
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        # Memory controls: slicing runs one image at a time; tiling splits images larger than `tile_size` px.
+        self.use_slicing = False
+        self.use_tiling = False
+        self.tile_size = 512  # pixels
+        self.tile_overlap = 128  # pixels
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
+    def _upcast_if_needed(self) -> None:
+        # The published SDXL VAE's activations exceed fp16's range (NaN / black images); compute it in fp32.
+        if self.dtype == torch.float16 and self.config.force_upcast:
+            self.float()
+
+    def _tileable(self, fn, x: torch.Tensor, scale: float, tile_in: int) -> torch.Tensor:
+        """Run the local, full-resolution half of the encoder or decoder, tiled if asked and x is large."""
+        if not self.use_tiling or max(x.shape[-2:]) <= tile_in:
+            return fn(x)
+        overlap = max(int(tile_in * self.tile_overlap / self.tile_size), 1)
+        out_ch = self.config.block_out_channels[-1] if scale < 1 else self.config.out_channels
+        return _tiled(fn, x, tile_in, overlap, scale, out_ch)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.config.downsample_factor
+        h = self._tileable(self.encoder.down, x, 1 / f, self.tile_size)
+        return self.quant_conv(self.encoder.head(h))
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        f = self.config.downsample_factor
+        h = self.decoder.head(self.post_quant_conv(z))
+        return self._tileable(self.decoder.up, h, f, self.tile_size // f)
+
+    def _sliced(self, fn, x: torch.Tensor) -> torch.Tensor:
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([fn(part) for part in x.split(1)])
+        return fn(x)
+
+    def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        """images (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> posterior over (B, 4, H/8, W/8) latents."""
+        self._upcast_if_needed()
+        return DiagonalGaussian(self._sliced(self._encode, images.to(self.dtype)))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1]."""
+        self._upcast_if_needed()
+        return self._sliced(self._decode, latents.to(self.dtype))
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.decode(self.encode(images).sample(generator))
+
+
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             config: VAEConfig | None = None) -> AutoencoderKL:
+    """A diffusers `vae/` folder (config.json + weights) or a single VAE .safetensors file in diffusers names
+    (e.g. the fp16-fix VAE); a single file is read with `config` (default: the SDXL VAE)."""
+    path = Path(path)
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        try:
+            cfg = VAEConfig.from_diffusers(read_json(cfg_path))
+        except (KeyError, ValueError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{cfg_path}: {e}") from None
+        files = find_weights(path)
+        sd, source = read_weights(files), str(files[0] if len(files) == 1 else path)
+    elif path.is_file():
+        cfg, sd, source = config or VAEConfig(), read_state_dict(path), str(path)
+        if any(k.startswith(("encoder.down.", "first_stage_model.")) for k in sd):
+            from .convert import vae_from_original  # original (SGM/ldm) key layout
+            sd = vae_from_original(sd)
+    else:
+        raise CheckpointError(f"{path}: no such file or folder")
+    with torch.device("meta"):
+        vae = AutoencoderKL(cfg)
+    return load_into(vae, sd, source, device, dtype)
