@@ -1,0 +1,114 @@
+"""Text -> images with an SDXL bundle: `generate(model, prompts, ...)`.
+
+The same steps as the reference StableDiffusionXLPipeline (text encoding with zeroed empty negatives,
+micro-conditioning, scaled initial noise, CFG on one batched UNet call, the scheduler's sigmas and timesteps,
+VAE decode), written over the pure sampler functions of `sdxl.samplers`. Image i's noise comes from its own
+seed, so a batch gives the same images as the same prompts made one by one, on any number of devices.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sdxl.diffusion import get_alphas_cumprod
+from sdxl.samplers import cfg_denoiser, make_denoiser, resolve_sampler, schedule_for
+
+
+def micro_conditioning(num_ids: int, height: int, width: int, aesthetic_score: float) -> list[float]:
+    """SDXL's size conditioning: base (orig_h, orig_w, crop_top, crop_left, target_h, target_w);
+    refiner (orig_h, orig_w, crop_top, crop_left, aesthetic_score). Original = target = output size, crop 0."""
+    if num_ids == 5:
+        return [height, width, 0, 0, aesthetic_score]
+    return [height, width, 0, 0, height, width]
+
+
+def image_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """Unit-variance noise, one CPU generator per image: identical on every device and batch composition."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL, rounded as the reference pipeline's postprocessing."""
+    arr = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(np.ascontiguousarray(a.permute(1, 2, 0).cpu().numpy())) for a in arr]
+
+
+def check_size(model, height: int, width: int) -> None:
+    f = model.vae.config.downsample_factor
+    if height % f or width % f or height <= 0 or width <= 0:
+        raise ValueError(f"image size {width}x{height} must be positive multiples of {f}")
+
+
+@torch.no_grad()
+def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+             height: int = 1024, width: int = 1024, steps: int = 30, guidance_scale: float = 5.0,
+             sampler: str = "euler", seed: int | Sequence[int] = 0, latents: torch.Tensor | None = None, *,
+             guidance_rescale: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+             clip_skip: int | None = None, spacing: str = "leading", eta: float | None = None,
+             aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
+             callback=None):
+    """Images for `prompts` (a string or a list).
+
+    seed: an int gives image i the seed `seed + i`; a list gives each image's seed. latents: unit-variance
+    noise (B, 4, H/8, W/8) instead, as the reference pipeline's `latents`. guidance_interval: (lo, hi) in model
+    timesteps (0..1000): guidance only there. sampler: any name of `sdxl.samplers.sampler_names()`.
+    output_type: "pil" (list of PIL images), "pt" (tensor in [-1, 1]) or "latent" (unscaled latents).
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    B = len(prompts)
+    check_size(model, height, width)
+    fn, _ = resolve_sampler(sampler)
+    unet, vae = model.unet, model.vae
+    device, dtype = unet.device, unet.dtype
+    f = vae.config.downsample_factor
+    shape = (unet.config.in_channels, height // f, width // f)
+    if latents is None:
+        seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+        latents = image_noise(seeds, shape)
+    if tuple(latents.shape) != (B, *shape):
+        raise ValueError(f"latents must have shape {(B, *shape)}, got {tuple(latents.shape)}")
+
+    ctx, pooled, neg_ctx, neg_pooled = model.text.encode_pair(prompts, negative_prompt, clip_skip)
+    n_ids = unet.config.num_time_ids
+    ids = torch.tensor([micro_conditioning(n_ids, height, width, aesthetic_score)] * B, device=device)
+    neg_ids = torch.tensor([micro_conditioning(n_ids, height, width, negative_aesthetic_score)] * B, device=device)
+    # Both CFG branches in one UNet call, negative first as in the reference.
+    both = (torch.cat([neg_ctx, ctx]).to(device, dtype), torch.cat([neg_pooled, pooled]).to(device, dtype),
+            torch.cat([neg_ids, ids]).to(device, dtype))
+
+    def unet_cond(x_in, t):
+        return unet(x_in.to(dtype), t, ctx.to(device, dtype), pooled.to(device, dtype), ids.to(dtype)).float()
+
+    def unet_both(x_in, t):
+        return unet(x_in.to(dtype), t, *both).float()
+
+    alphas_cumprod = get_alphas_cumprod()
+    schedule = schedule_for(sampler, steps, alphas_cumprod, spacing=spacing)
+    # As the reference: no guidance at all (one UNet branch) when guidance_scale <= 1.
+    guided = cfg_denoiser(unet_cond, scale=max(guidance_scale, 1.0), batched_fn=unet_both, rescale=guidance_rescale,
+                          interval=guidance_interval)
+    denoiser = make_denoiser(guided, alphas_cumprod, model.config.prediction_type, schedule)
+
+    x = latents.to(device, torch.float32) * schedule.init_noise_sigma
+    kwargs = {"callback": callback}
+    if eta is not None:
+        kwargs["eta"] = eta
+    if "noise_sampler" in inspect.signature(fn).parameters:
+        # Stochastic samplers: per-image generators again, continuing from seeds offset by a constant.
+        gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in
+                ([seed + i for i in range(B)] if isinstance(seed, int) else seed)]
+        kwargs["noise_sampler"] = lambda s, s_next: torch.cat(
+            [torch.randn((1, *shape), generator=g) for g in gens]).to(device)
+    x = fn(denoiser, x, schedule.sigmas.to(device), **kwargs) * schedule.final_scale
+    if output_type == "latent":
+        return x
+    sf, shift = vae.config.scaling_factor, vae.config.shift_factor
+    # One image at a time: the decode at 1024 px is the memory peak, and it keeps batches identical to singles.
+    images = torch.cat([vae.decode(z[None] / sf + shift).float() for z in x.to(vae.dtype)])
+    return images if output_type == "pt" else to_pil(images)

@@ -1,0 +1,225 @@
+"""The SDXL bundle (UNet + VAE + two text encoders) and its file formats.
+
+    model = load_model(path)   # a diffusers folder | an original-layout single file | a preset name
+    model.save_pretrained(folder)      # diffusers layout, loadable by diffusers' from_pretrained
+    model.save_single_file(path)       # the original layout (A1111 / ComfyUI), configs in the metadata
+
+Every network is built on the meta device and its tensors are assigned straight into place, so loading holds
+one copy of the weights (plus one tensor in flight).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from . import convert
+from .config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from .text_encoders import CLIPTokenizer, DualCLIP, clip_text_config, text_encoder_config
+from .unet import UNet
+from .vae import AutoencoderKL, load_vae
+from .weights import (CheckpointError, find_weights, load_into, read_json, read_state_dict, read_weights,
+                      save_json, save_safetensors)
+
+# The published sdxl-base scheduler (EulerDiscrete, leading spacing); prediction_type is the model's.
+SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "interpolation_type": "linear", "timestep_spacing": "leading", "steps_offset": 1, "use_karras_sigmas": False,
+    "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+}
+_META_KEY = "sdxl_mini_config"  # safetensors metadata entry holding the ModelConfig of a single file
+
+
+class SDXL(nn.Module):
+    """The bundle: `.unet`, `.vae`, `.text` (DualCLIP) and `.config` (ModelConfig)."""
+
+    def __init__(self, config: ModelConfig, unet: UNet, vae: AutoencoderKL, text: DualCLIP):
+        super().__init__()
+        self.config = config
+        self.unet, self.vae, self.text = unet, vae, text
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    # ---- diffusers layout -------------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the diffusers folder layout (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/,
+        scheduler/); each file is written to a temporary name and renamed."""
+        folder = Path(folder)
+        refiner = self.text.text_encoder is None
+        index = {
+            "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.30.0",
+            "force_zeros_for_empty_prompt": True,
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }
+        if refiner:
+            index["requires_aesthetics_score"] = True
+        save_json({"_class_name": "UNet2DConditionModel", **self.config.unet.to_diffusers()}, folder / "unet" /
+                  "config.json")
+        save_safetensors(self.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
+        save_json(self.config.vae.to_diffusers(), folder / "vae" / "config.json")
+        save_safetensors(self.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
+        for name, module, tok in (("text_encoder", self.text.text_encoder, self.text.tokenizer),
+                                  ("text_encoder_2", self.text.text_encoder_2, self.text.tokenizer_2)):
+            if module is None:
+                continue
+            save_json(module.config.to_dict(), folder / name / "config.json")
+            save_safetensors(module.state_dict(), folder / name / "model.safetensors", metadata={"format": "pt"})
+            tok.save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
+        save_json({**SCHEDULER_CONFIG, "prediction_type": self.config.prediction_type},
+                  folder / "scheduler" / "scheduler_config.json")
+        save_json(index, folder / "model_index.json")  # last: a folder with an index is complete
+
+    # ---- original single file ---------------------------------------------------------------------------------
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        components = {"unet": self.unet.state_dict(), "vae": self.vae.state_dict(),
+                      "text_encoder": None if self.text.text_encoder is None else self.text.text_encoder.state_dict(),
+                      "text_encoder_2": self.text.text_encoder_2.state_dict()}
+        return convert.join_original(components, refiner=self.text.text_encoder is None, unet_cfg=self.config.unet)
+
+    def save_single_file(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write the original layout (sd_xl_base_1.0.safetensors key names); the ModelConfig goes into the
+        metadata so non-standard sizes load back (files without it are read as sdxl-base / sdxl-refiner)."""
+        sd = self.original_state_dict()
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        save_safetensors(sd, path, metadata={"format": "pt", _META_KEY: json.dumps(config_to_dict(self.config))})
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0):
+        from .lora import load_lora  # LoRA files: kohya, LyCORIS and PEFT layouts
+        return load_lora(self, path, scale)
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    tup = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}  # noqa: E731
+    return ModelConfig(unet=UNetConfig(**tup(d["unet"])), vae=VAEConfig(**tup(d["vae"])),
+                       text_encoder=TextEncoderConfig(**d["text_encoder"]) if d.get("text_encoder") else None,
+                       text_encoder_2=TextEncoderConfig(**d["text_encoder_2"]),
+                       prediction_type=d.get("prediction_type", "epsilon"))
+
+
+def build_model(cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None,
+                tokenizer_2: CLIPTokenizer | None = None) -> SDXL:
+    """All networks of `cfg` with their default init, on the current default device (use meta to load)."""
+    return SDXL(cfg, UNet(cfg.unet), AutoencoderKL(cfg.vae),
+                DualCLIP.from_config(cfg.text_encoder, cfg.text_encoder_2, tokenizer, tokenizer_2))
+
+
+def _load_text(text: DualCLIP, sd1, sd2, source: str, device, dtype) -> None:
+    def prep(sd):
+        if sd is None:
+            return None
+        return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
+                for k, v in sd.items()}
+    try:
+        text.load_weights(prep(sd1), prep(sd2))
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def _from_preset(name: str, device, dtype, seed: int) -> SDXL:
+    torch.manual_seed(seed)
+    model = build_model(PRESETS[name])
+    return model.to(device=device, dtype=dtype)
+
+
+def _from_folder(folder: Path, device, dtype, variant: str | None) -> SDXL:
+    index = read_json(folder / "model_index.json")
+    for part in ("unet", "vae", "text_encoder_2", "tokenizer_2"):
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"{folder}: missing {part}/ folder (model_index.json names "
+                                  f"{index.get('_class_name', 'no pipeline')})")
+    unet_cfg = UNetConfig.from_diffusers(read_json(folder / "unet" / "config.json"))
+    vae_cfg = VAEConfig.from_diffusers(read_json(folder / "vae" / "config.json"))
+    has_te1 = (folder / "text_encoder").is_dir() and index.get("text_encoder", [None])[0] is not None
+    tok1 = CLIPTokenizer.from_pretrained(folder / "tokenizer") if has_te1 else None
+    tok2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+    te1 = text_encoder_config(read_json(folder / "text_encoder" / "config.json"), with_projection=False,
+                              pad_token=tok1.pad_token) if has_te1 else None
+    te2 = text_encoder_config(read_json(folder / "text_encoder_2" / "config.json"), with_projection=True,
+                              pad_token=tok2.pad_token)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    prediction = read_json(sched).get("prediction_type", "epsilon") if sched.is_file() else "epsilon"
+    cfg = ModelConfig(unet=unet_cfg, vae=vae_cfg, text_encoder=te1, text_encoder_2=te2, prediction_type=prediction)
+    with torch.device("meta"):
+        model = build_model(cfg, tok1, tok2)
+    for name, module in (("unet", model.unet), ("vae", model.vae)):
+        files = find_weights(folder / name, variant=variant)
+        load_into(module, read_weights(files), str(folder / name), device, dtype)
+    sd1 = read_weights(find_weights(folder / "text_encoder", "model", variant)) if has_te1 else None
+    sd2 = read_weights(find_weights(folder / "text_encoder_2", "model", variant))
+    _load_text(model.text, sd1, sd2, str(folder), device, dtype)
+    return model
+
+
+def _single_file_config(path: Path, sd: dict) -> ModelConfig:
+    meta = {}
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    if _META_KEY in meta:
+        return config_from_dict(json.loads(meta[_META_KEY]))
+    try:
+        return PRESETS[convert.detect_original(sd)]
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _from_single_file(path: Path, device, dtype) -> SDXL:
+    sd = read_state_dict(path)
+    cfg = _single_file_config(path, sd)
+    try:
+        parts = convert.split_original(sd, cfg.unet)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    del sd  # the component dicts now hold the only references: each tensor is freed once converted
+    with torch.device("meta"):
+        model = build_model(cfg)
+    load_into(model.unet, parts.pop("unet"), str(path) + " (UNet)", device, dtype)
+    load_into(model.vae, parts.pop("vae"), str(path) + " (VAE)", device, dtype)
+    _load_text(model.text, parts.pop("text_encoder"), parts.pop("text_encoder_2"), str(path), device, dtype)
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               vae: str | os.PathLike | None = None, variant: str | None = None, seed: int = 0) -> SDXL:
+    """An SDXL bundle from a diffusers folder, an original-layout single file (.safetensors, or .ckpt read with
+    weights_only=True), or a preset name (random init from `seed`). `vae` replaces the VAE (folder or file,
+    e.g. the fp16-fix VAE)."""
+    p = Path(path)
+    if isinstance(path, str) and path in PRESETS and not p.exists():
+        model = _from_preset(path, device, dtype, seed)
+    elif p.is_dir():
+        if not (p / "model_index.json").is_file():
+            hint = " (a component folder? use sdxl.unet.load_unet / sdxl.vae.load_vae)" if (
+                p / "config.json").is_file() else ""
+            raise CheckpointError(f"{p}: not an SDXL model folder: model_index.json is missing{hint}")
+        model = _from_folder(p, device, dtype, variant)
+    elif p.is_file():
+        if p.suffix not in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            raise CheckpointError(f"{p}: unknown checkpoint type {p.suffix!r} (expected .safetensors or .ckpt)")
+        model = _from_single_file(p, device, dtype)
+    else:
+        raise CheckpointError(f"{path}: no such file or folder, and not a preset ({', '.join(PRESETS)})")
+    if vae is not None:
+        model.vae = load_vae(vae, device=device, dtype=dtype, config=model.config.vae)
+        model.config = model.config.replace(vae=model.vae.config)
+    return model.eval().requires_grad_(False)
