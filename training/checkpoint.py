@@ -1,0 +1,132 @@
+"""Training checkpoints: everything needed to continue bit-identically, in safetensors + JSON (no pickles).
+
+    <output_dir>/checkpoints/step_NNNNNN/
+        trainable.safetensors   the trained parameters (fp32 masters), by name
+        optimizer.safetensors   optimizer state tensors, keyed "state.<param index>.<name>"
+        ema.safetensors         the EMA weights (when --ema_decay)
+        rng.safetensors         torch CPU / CUDA generator states
+        state.json              step, epoch, data position, LR scheduler, grad scaler, EMA count, python and
+                                numpy RNG states, the optimizer's non-tensor state and param groups
+
+A checkpoint is written into a temporary folder and renamed into place, so a folder named step_NNNNNN is
+always complete; the oldest beyond `keep` are removed afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+def _optimizer_split(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, plain = {}, {"state": {}, "param_groups": opt_state["param_groups"]}
+    for idx, st in opt_state["state"].items():
+        plain["state"][str(idx)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain["state"][str(idx)][k] = v
+    return tensors, plain
+
+
+def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict = {int(i): dict(st) for i, st in plain["state"].items()}
+    for key, v in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    plain = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *map(lambda x: x.item() if hasattr(x, "item") else x,
+                                                                np_state[2:])]}
+    return tensors, plain
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    v, st, g = plain["python"]
+    random.setstate((v, tuple(st), g))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(root: str | os.PathLike, step: int, *, trainable: dict[str, torch.Tensor], optimizer,
+                    state: dict, ema: dict[str, torch.Tensor] | None = None, keep: int = 3) -> Path:
+    """Write checkpoints/step_NNNNNN atomically and prune old ones. `state` is JSON-able (step, epoch, ...)."""
+    root = Path(root) / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_plain = _optimizer_split(optimizer.state_dict())
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    if ema is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    rng_tensors, rng_plain = rng_state()
+    save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_plain, "rng": rng_plain}) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def find_checkpoint(output_dir: str | os.PathLike, resume: str) -> Path:
+    """`latest` -> the newest complete checkpoint of output_dir; otherwise a checkpoint folder."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"{Path(output_dir) / 'checkpoints'}: no checkpoint to resume from")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (no state.json)")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The pieces of a checkpoint: trainable, optimizer (a state_dict), ema (or None), state, and the RNG states
+    restored as a side effect."""
+    state = json.loads((path / "state.json").read_text())
+    opt_plain, rng_plain = state.pop("optimizer"), state.pop("rng")
+    ema_path = path / "ema.safetensors"
+    out = {
+        "trainable": load_file(str(path / "trainable.safetensors")),
+        "optimizer": _optimizer_join(load_file(str(path / "optimizer.safetensors")), opt_plain),
+        "ema": load_file(str(ema_path)) if ema_path.is_file() else None,
+        "state": state,
+    }
+    set_rng_state(load_file(str(path / "rng.safetensors")), rng_plain)
+    return out

@@ -1,0 +1,230 @@
+"""One `TrainConfig` dataclass behind both the command line and `--config run.toml` (flags override the file).
+
+Every field is a flag of the same name (`--learning_rate`, ...); `help` comes from the field metadata. The
+resolved config is saved to `<output_dir>/config.json`. `validate` rejects contradictory flags before any work.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """Flags that cannot work together; one line, exit code 2."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    pretrained_model: str = _f("tiny", "diffusers folder, original-layout .safetensors, or preset (tiny, sdxl-base)")
+    vae: str | None = _f(None, "replacement VAE folder or file (e.g. the fp16-fix VAE)")
+    model_type: str = _f("latent", "latent (SDXL with its VAE) or pixel (patch codec, see --base_resolution)",
+                         choices=["latent", "pixel"])
+    data_dir: str | None = _f(None, "image folder with .txt captions, a metadata .json, or tar shards")
+    metadata_files: list[str] = _f(None, "metadata JSON files (image path -> {tags, image_size})", nargs="+")
+    train_shards: str | None = _f(None, "WebDataset .tar shards, brace patterns allowed")
+    output_dir: str = _f("out/train", "where checkpoints, samples, metrics and the final weights go")
+    image_size: int = _f(1024, "training resolution: buckets hold about image_size^2 pixels")
+    bucket_step: int = _f(64, "bucket side granularity in pixels")
+    min_side: int | None = _f(None, "smallest bucket side (default image_size / 2)")
+    max_side: int | None = _f(None, "largest bucket side (default image_size * 2)")
+    min_image_size: int | None = _f(None, "skip images below this side^2 in area (default 3/4 image_size)")
+    random_crop: bool = _f(False, "random instead of center crops")
+    flip_aug: bool = _f(False, "random horizontal flips")
+    shuffle_tags: bool = _f(False, "shuffle comma-separated tags (first --keep_tokens and last two stay)")
+    keep_tokens: int = _f(0, "leading tags kept in place when shuffling")
+    tag_dropout: float = _f(0.0, "probability of dropping each shuffleable tag")
+    caption_dropout: float = _f(0.0, "probability of an empty caption (for classifier-free guidance)")
+    caption_prefix: str = _f("", "text put before every caption")
+    cache_latents: bool = _f(False, "encode images once and cache the latents on disk")
+    cache_text_embeddings: bool = _f(False, "encode captions once and cache the embeddings on disk")
+    cache_dir: str | None = _f(None, "cache folder (default <output_dir>/cache)")
+    num_workers: int = _f(2, "DataLoader worker processes")
+    # what trains
+    use_lora: bool = _f(False, "train a LoRA instead of the full UNet")
+    lora_rank: int = _f(4, "LoRA rank")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale alpha / rank)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch input")
+    lora_target_mode: str = _f("attention", "attention | attention_out | all | conv, combined with + ")
+    lora_kind: str = _f("lora", "lora (LoRA/LoCon) or loha", choices=["lora", "loha"])
+    lora_text_encoder: bool = _f(False, "also put LoRA adapters on both text encoders")
+    lora_format: str = _f("kohya", "final LoRA file layout", choices=["kohya", "peft"])
+    train_text_encoder: bool = _f(False, "full fine-tune: also train both text encoders")
+    unet_train_blocks: str = _f("all", "full fine-tune: all UNet parameters, or only the up blocks",
+                                choices=["all", "up"])
+    # objective
+    prediction_type: str | None = _f(None, "epsilon | v_prediction | sample (default: the model's)",
+                                     choices=["epsilon", "v_prediction", "sample"])
+    loss_type: str = _f("native", "native: MSE in the model's parameterisation; velocity: MSE on v",
+                        choices=["native", "velocity"])
+    min_snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual)")
+    noise_offset: float = _f(0.0, "noise offset (0.0357 in SDXL's own training)")
+    timestep_sampling: str = _f("uniform", "uniform | logit_normal", choices=["uniform", "logit_normal"])
+    logit_mean: float = _f(0.0, "logit-normal mean")
+    logit_std: float = _f(1.0, "logit-normal std")
+    timestep_range: str = _f("0,1000", "a,b: train timesteps in [a, b)")
+    zero_terminal_snr: bool = _f(False, "rescale the schedule to zero terminal SNR (use with v_prediction)")
+    # optimisation
+    learning_rate: float = _f(1e-4, "UNet (or LoRA) learning rate")
+    lr_text_encoder1: float | None = _f(None, "CLIP-L learning rate (default --learning_rate)")
+    lr_text_encoder2: float | None = _f(None, "bigG learning rate (default --lr_text_encoder1)")
+    optimizer: str = _f("adamw", "optimizer", choices=["adamw", "adamw8bit", "adafactor", "lion", "prodigy", "sgd"])
+    weight_decay: float = _f(1e-2, "decoupled weight decay")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2")
+    adam_eps: float = _f(1e-8, "Adam epsilon")
+    lr_scheduler: str = _f("constant", "constant | cosine | linear, after warmup",
+                           choices=["constant", "cosine", "linear"])
+    lr_warmup_steps: int = _f(0, "linear warmup steps")
+    max_grad_norm: float | None = _f(1.0, "gradient clipping (0 or none: off)")
+    batch_size: int = _f(1, "images per device per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    num_epochs: int = _f(10, "epochs (ignored when --max_steps is set)")
+    max_steps: int | None = _f(None, "optimizer steps to run")
+    seed: int = _f(0, "seed for data order, noise and init")
+    # precision and memory
+    precision: str = _f("bf16", "bf16 | fp16 | fp32", choices=["bf16", "fp16", "fp32"])
+    full_bf16: bool = _f(False, "bf16 trainable weights and optimizer state too (less memory, less precise)")
+    vae_precision: str | None = _f(None, "VAE dtype (default: fp32 for a VAE that overflows in fp16)",
+                                   choices=["bf16", "fp16", "fp32"])
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    fsdp: bool = _f(False, "shard a full fine-tune over the GPUs with FSDP2, one shard unit per UNet block")
+    # EMA
+    ema_decay: float | None = _f(None, "keep an EMA of the trained weights with this decay (e.g. 0.9999)")
+    ema_warmup: bool = _f(True, "EMA warmup: decay_t = min(decay, (1 + t) / (10 + t))")
+    ema_cpu: bool = _f(False, "keep the EMA on the CPU")
+    # checkpoints and logging
+    save_interval: int | None = _f(None, "save a checkpoint every N epochs")
+    save_interval_steps: int | None = _f(None, "save a checkpoint every N optimizer steps")
+    keep_checkpoints: int = _f(3, "checkpoints kept (oldest removed)")
+    resume: str | None = _f(None, "latest, or a checkpoint folder")
+    save_single_file: bool = _f(False, "full fine-tune: also write final.safetensors (original layout)")
+    sample_every: int | None = _f(None, "validation images every N steps")
+    sample_prompts: list[str] = _f(None, "prompts for validation images", nargs="+")
+    sample_steps: int = _f(20, "sampler steps for validation images")
+    sample_sampler: str = _f("euler", "sampler for validation images")
+    sample_cfg: float = _f(5.0, "guidance scale for validation images")
+    log_every: int = _f(1, "write metrics every N steps")
+    wandb: bool = _f(False, "log to Weights & Biases (WANDB_MODE=offline works without network)")
+    wandb_project: str = _f("sdxl-mini", "wandb project")
+    wandb_run_name: str | None = _f(None, "wandb run name")
+    # pixel space (issue: pixel SDXL); see training/pixel.py
+    base_resolution: int = _f(64, "pixel model: body entry resolution at 1024 px, 64 (patch 16) or 32 (patch 32)",
+                              choices=[64, 32])
+    teacher_checkpoint: str | None = _f(None, "pixel distillation: a latent SDXL teacher")
+    train_encoder: str = _f("both", "pixel distillation: which side of the codec trains",
+                            choices=["encoder", "decoder", "both"])
+    lr_sdxl_unet_body: float | None = _f(None, "pixel model: body learning rate (0 freezes it)")
+    demo: bool = _f(False, "train the built-in pixel-space demo (no downloads)")
+    config: str | None = _f(None, "a TOML file of these fields; flags override it")
+
+    # ---- derived ----
+    @property
+    def timestep_bounds(self) -> tuple[int, int]:
+        try:
+            a, b = (int(x) for x in self.timestep_range.split(","))
+        except ValueError:
+            raise ConfigError(f"--timestep_range must be 'a,b' integers, got {self.timestep_range!r}") from None
+        if not 0 <= a < b <= 1000:
+            raise ConfigError(f"--timestep_range {a},{b} must satisfy 0 <= a < b <= 1000")
+        return a, b
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+_LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_mode", "lora_kind", "lora_text_encoder",
+               "lora_format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_sdxl.py", description="Fine-tune SDXL (full or LoRA).",
+                                argument_default=argparse.SUPPRESS)
+    for f in fields(TrainConfig):
+        kw = {"help": f.metadata.get("help", "")}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if f.type in ("bool",) or isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.metadata.get("nargs"):
+            kw["nargs"] = f.metadata["nargs"]
+        t = f.type.replace(" | None", "")
+        kw["type"] = {"int": int, "float": float, "str": str, "list[str]": str}[t]
+        p.add_argument(f"--{f.name}", **kw)
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
+    """(config, names of the fields the user set by flag or file). Flags override --config's file."""
+    ns = vars(build_parser().parse_args(argv))
+    values: dict = {}
+    if ns.get("config"):
+        path = Path(ns["config"])
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting {unknown[0]!r}")
+    values.update(ns)
+    return TrainConfig(**values), set(values)
+
+
+def validate(cfg: TrainConfig, given: set[str]) -> None:
+    """Contradictions and impossible values, before any work."""
+    if not cfg.use_lora:
+        set_lora = [f for f in _LORA_FLAGS if f in given]
+        if set_lora:
+            raise ConfigError(f"--{set_lora[0]} given without --use_lora")
+    if cfg.use_lora and cfg.train_text_encoder:
+        raise ConfigError("--train_text_encoder is a full fine-tune flag; with --use_lora use --lora_text_encoder")
+    if cfg.use_lora and cfg.unet_train_blocks != "all":
+        raise ConfigError("--unet_train_blocks applies to full fine-tunes, not --use_lora")
+    if cfg.use_lora and cfg.fsdp:
+        raise ConfigError("--fsdp shards full fine-tunes; a LoRA fits on one GPU (use DDP)")
+    if cfg.full_bf16 and cfg.precision != "bf16":
+        raise ConfigError("--full_bf16 needs --precision bf16")
+    if cfg.model_type == "latent" and not cfg.demo and cfg.data_dir is None and not cfg.metadata_files \
+            and not cfg.train_shards:
+        raise ConfigError("no training data: give --data_dir (or --metadata_files / --train_shards)")
+    for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "image_size", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError("--max_steps must be at least 1")
+    min_side = cfg.min_side or cfg.image_size // 2
+    if not 0 < cfg.bucket_step <= min_side:
+        raise ConfigError(f"--bucket_step {cfg.bucket_step} must be in (0, smallest bucket side {min_side}]: "
+                          "lower it for small --image_size")
+    if cfg.image_size % cfg.bucket_step:
+        raise ConfigError(f"--image_size {cfg.image_size} must be a multiple of --bucket_step {cfg.bucket_step}")
+    if cfg.cache_text_embeddings and (cfg.shuffle_tags or cfg.tag_dropout or cfg.caption_dropout):
+        raise ConfigError("--cache_text_embeddings cannot be used with caption shuffling or dropout "
+                          "(the caption differs every step)")
+    if cfg.cache_text_embeddings and (cfg.train_text_encoder or cfg.lora_text_encoder):
+        raise ConfigError("--cache_text_embeddings cannot be used while the text encoders train")
+    if cfg.cache_latents and cfg.random_crop:
+        raise ConfigError("--cache_latents fixes the crop when caching; it cannot be used with --random_crop")
+    if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
+        raise ConfigError("--ema_decay must be in (0, 1)")
+    if cfg.sample_every is not None and not cfg.sample_prompts:
+        raise ConfigError("--sample_every needs --sample_prompts")
+    cfg.timestep_bounds  # noqa: B018 - raises on a malformed range
