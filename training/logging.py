@@ -5,6 +5,7 @@ Only rank 0 logs. wandb is imported only when asked for; WANDB_MODE=offline work
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class Logger:
 
     def write(self, text: str) -> None:
         if self.enabled:
-            tqdm.write(text)
+            tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
