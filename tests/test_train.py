@@ -213,6 +213,17 @@ def test_ema_against_hand_computation():
     assert torch.equal(p.detach(), torch.tensor([-1.0, -1.0]))
 
 
+def test_validation_samples_match_generate(data, tmp_path):
+    from sampling import generate
+    args = ["--max_steps", 2, "--batch_size", 2, "--sample_every", 2, "--sample_prompts", "a red circle",
+            "--sample_steps", 3, "--learning_rate", 1e-3]
+    assert train(base_args(data, tmp_path, *args)) == 0
+    sample = Image.open(tmp_path / "samples" / "step_000002_0.png")
+    final = sdxl.load_model(str(tmp_path / "final"))
+    again = generate(final, ["a red circle"], height=64, width=64, steps=3, guidance_scale=5.0, seed=0)[0]
+    assert list(sample.getdata()) == list(again.getdata())
+
+
 def test_toml_config_and_flag_override(data, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('max_steps = 50\nlearning_rate = 0.5\nbatch_size = 2\n')

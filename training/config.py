@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field, fields
@@ -227,4 +228,6 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise ConfigError("--ema_decay must be in (0, 1)")
     if cfg.sample_every is not None and not cfg.sample_prompts:
         raise ConfigError("--sample_every needs --sample_prompts")
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--wandb needs the wandb package: pip install wandb")
     cfg.timestep_bounds  # noqa: B018 - raises on a malformed range
