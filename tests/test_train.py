@@ -108,25 +108,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_processes_equal_one(data, tmp_path):
-    # SGD: Adam's m / sqrt(v) turns float-rounding noise in near-zero gradients into full-size updates.
-    common = ["--max_steps", 3, "--learning_rate", 0.05, "--seed", 5, "--optimizer", "sgd"]
+def torchrun(args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(ROOT / "train_sdxl.py"), *base_args(data, tmp_path / "ddp", "--batch_size", 1,
-                                                                      *common)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           str(free_port()), str(ROOT / "train_sdxl.py"), *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def unet_file(run: Path) -> dict:
+    return load_file(str(run / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_ddp_and_fsdp_two_processes_equal_one(data, tmp_path):
+    # SGD: Adam's m / sqrt(v) turns float-rounding noise in near-zero gradients into full-size updates.
+    common = ["--max_steps", 3, "--learning_rate", 0.05, "--seed", 5, "--optimizer", "sgd"]
     assert train(base_args(data, tmp_path / "single", "--batch_size", 2, *common)) == 0
-    a = load_file(str(tmp_path / "ddp" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
-    b = load_file(str(tmp_path / "single" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
-    init = sdxl.load_model("tiny", seed=5).unet.state_dict()
-    moved = max((b[k] - init[k]).abs().max().item() for k in b)
-    assert moved > 1e-4  # training changed the weights...
-    for k in a:  # ...and both runs changed them the same way (float summation order aside)
-        assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-5), k
-    # Only rank 0 wrote: one metrics line per step.
-    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+    torchrun(base_args(data, tmp_path / "ddp", "--batch_size", 1, *common))
+    torchrun(base_args(data, tmp_path / "fsdp", "--batch_size", 1, "--fsdp", "--save_interval_steps", 2, *common))
+    single, init = unet_file(tmp_path / "single"), sdxl.load_model("tiny", seed=5).unet.state_dict()
+    assert max((single[k] - init[k]).abs().max().item() for k in single) > 1e-4  # training moved the weights
+    for name in ("ddp", "fsdp"):  # ...and each distributed run moved them the same way (summation order aside)
+        other = unet_file(tmp_path / name)
+        for k in single:
+            assert torch.allclose(other[k], single[k], atol=2e-6, rtol=1e-5), (name, k)
+        # Only rank 0 wrote: one metrics line per step.
+        assert len((tmp_path / name / "metrics.jsonl").read_text().splitlines()) == 3
+    # FSDP checkpoints hold whole tensors, and resuming from one (sharded again) ends bit-identically.
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_000002",
+                    tmp_path / "resumed" / "checkpoints" / "step_000002")
+    torchrun(base_args(data, tmp_path / "resumed", "--batch_size", 1, "--fsdp", "--resume", "latest", *common))
+    a, b = unet_file(tmp_path / "fsdp"), unet_file(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_trained_lora_loads_in_reference_pipeline(data, tmp_path):

@@ -2,7 +2,7 @@
 
     <output_dir>/checkpoints/step_NNNNNN/
         trainable.safetensors   the trained parameters (fp32 masters), by name
-        optimizer.safetensors   optimizer state tensors, keyed "state.<param index>.<name>"
+        optimizer.safetensors   optimizer state tensors, keyed "state|<param index or name>|<name>"
         ema.safetensors         the EMA weights (when --ema_decay)
         rng.safetensors         torch CPU / CUDA generator states
         state.json              step, epoch, data position, LR scheduler, grad scaler, EMA count, python and
@@ -33,17 +33,19 @@ def _optimizer_split(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
         plain["state"][str(idx)] = {}
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"state|{idx}|{k}"] = v.detach().cpu().contiguous()
             else:
                 plain["state"][str(idx)][k] = v
     return tensors, plain
 
 
 def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
-    state: dict = {int(i): dict(st) for i, st in plain["state"].items()}
-    for key, v in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = v
+    # Plain optimizers key their state by parameter index, FSDP's full state dict by parameter name.
+    key = lambda i: int(i) if i.isdigit() else i  # noqa: E731
+    state: dict = {key(i): dict(st) for i, st in plain["state"].items()}
+    for k, v in tensors.items():
+        _, idx, name = k.split("|", 2)
+        state.setdefault(key(idx), {})[name] = v
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
@@ -70,9 +72,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, *, trainable: dict[str, torch.Tensor], optimizer,
+def save_checkpoint(root: str | os.PathLike, step: int, *, trainable: dict[str, torch.Tensor], optimizer: dict,
                     state: dict, ema: dict[str, torch.Tensor] | None = None, keep: int = 3) -> Path:
-    """Write checkpoints/step_NNNNNN atomically and prune old ones. `state` is JSON-able (step, epoch, ...)."""
+    """Write checkpoints/step_NNNNNN atomically and prune old ones. `optimizer` is its state dict; `state` is
+    JSON-able (step, epoch, ...)."""
     root = Path(root) / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
@@ -80,7 +83,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, trainable: dict[str, 
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_plain = _optimizer_split(optimizer.state_dict())
+    opt_tensors, opt_plain = _optimizer_split(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))

@@ -201,6 +201,9 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise ConfigError("--unet_train_blocks applies to full fine-tunes, not --use_lora")
     if cfg.use_lora and cfg.fsdp:
         raise ConfigError("--fsdp shards full fine-tunes; a LoRA fits on one GPU (use DDP)")
+    if cfg.fsdp and (cfg.ema_decay or cfg.sample_every or cfg.train_text_encoder):
+        raise ConfigError("--fsdp shards the UNet only; it does not support --ema_decay, --sample_every or "
+                          "--train_text_encoder")
     if cfg.full_bf16 and cfg.precision != "bf16":
         raise ConfigError("--full_bf16 needs --precision bf16")
     if cfg.model_type == "latent" and not cfg.demo and cfg.data_dir is None and not cfg.metadata_files \

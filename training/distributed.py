@@ -80,6 +80,26 @@ def wrap(module: nn.Module, d: Dist, fsdp: bool = False, unet: nn.Module | None 
     return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
+def full_state(module: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict) with whole tensors. Under FSDP this is a collective that every
+    rank must call; the gathered tensors land on the CPU of rank 0 (the others get empty dicts)."""
+    if not fsdp:
+        return module.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(module: nn.Module, optimizer, model_sd: dict, optim_sd: dict, fsdp: bool) -> None:
+    """The inverse of `full_state` (every rank passes the whole dicts; FSDP shards them into place)."""
+    if not fsdp:
+        module.load_state_dict(model_sd, strict=False)
+        optimizer.load_state_dict(optim_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def cleanup(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -230,33 +230,21 @@ def main(cfg: TrainConfig) -> int:
     master = wdtype if cfg.full_bf16 else torch.float32
     network, text_trains = None, cfg.train_text_encoder or cfg.lora_text_encoder
     model.requires_grad_(False)
+    frozen = unused_text_layers(model.text)
     if cfg.use_lora:
         network = lora.inject(model, cfg.lora_target_mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                               kind=cfg.lora_kind, text_encoders=cfg.lora_text_encoder).to(device)
-        frozen = unused_text_layers(model.text)
         for name, adapter in network.named_children():
             path = f"{network.targets[name].component}.{network.targets[name].path}."
             if any(path.startswith(f) for f in frozen):
                 adapter.requires_grad_(False)
-        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
-                  for g in network.param_groups(cfg.learning_rate, cfg.lr_text_encoder1, cfg.lr_text_encoder2)]
     else:
-        unet_part = model.unet.up_blocks if cfg.unet_train_blocks == "up" else model.unet
-        unet_part.to(master).requires_grad_(True)
-        groups = [{"name": "unet", "params": [p for p in unet_part.parameters()], "lr": cfg.learning_rate}]
+        (model.unet.up_blocks if cfg.unet_train_blocks == "up" else model.unet).to(master).requires_grad_(True)
         if cfg.train_text_encoder:
-            frozen = unused_text_layers(model.text)
-            lr1 = cfg.lr_text_encoder1 or cfg.learning_rate
-            for enc, lr in ((model.text.text_encoder, lr1), (model.text.text_encoder_2, cfg.lr_text_encoder2 or lr1)):
-                if enc is None:
-                    continue
-                enc.to(master).requires_grad_(True)
-                groups.append({"name": "text", "params": [p for p in enc.parameters()], "lr": lr})
+            model.text.to(master).requires_grad_(True)
             for n, p in model.text.named_parameters():
                 if any(n.startswith(f) for f in frozen):
                     p.requires_grad_(False)
-            groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
-    groups = [g for g in groups if g["params"]]
     if cfg.gradient_checkpointing:
         model.unet.set_gradient_checkpointing(True)
         if text_trains:
@@ -264,10 +252,20 @@ def main(cfg: TrainConfig) -> int:
                 if enc is not None:
                     getattr(enc, "text_model", enc).gradient_checkpointing_enable()
     trainee = Trainee(model.unet, model.text if text_trains else None, network).train()
-    model.unet.train()
+
+    # -- wrap (DDP, or FSDP2 which replaces parameters: the optimizer is built after it)
+    fsdp = cfg.fsdp and d.enabled
+    trainee_wrapped = distributed.wrap(trainee, d, fsdp, model.unet)
     named_trainable = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named_trainable]
-    optimizer = build_optimizer(cfg, groups, device)
+    lr1 = cfg.lr_text_encoder1 or cfg.learning_rate
+    lrs = {"network.lora_te1_": lr1, "network.lora_te2_": cfg.lr_text_encoder2 or lr1,
+           "text.text_encoder.": lr1, "text.text_encoder_2.": cfg.lr_text_encoder2 or lr1}
+    groups: dict[float, list] = {}
+    for n, p in named_trainable:  # one group per learning rate: UNet (or its LoRA), CLIP-L, bigG
+        lr = next((v for k, v in lrs.items() if n.startswith(k)), cfg.learning_rate)
+        groups.setdefault(lr, []).append(p)
+    optimizer = build_optimizer(cfg, [{"params": ps, "lr": lr} for lr, ps in groups.items()], device)
 
     # -- data (and caches, after which the VAE / text encoders can leave the GPU)
     from training import cache as cache_mod
@@ -322,14 +320,10 @@ def main(cfg: TrainConfig) -> int:
     step, epoch, position = 0, 0, 0
     if cfg.resume:
         ck = checkpoint.load_checkpoint(checkpoint.find_checkpoint(out, cfg.resume))
-        params = dict(named_trainable)
-        missing = set(params) - set(ck["trainable"])
+        missing = {n for n, _ in named_trainable} - set(ck["trainable"])
         if missing:
             raise ConfigError(f"checkpoint does not match this run: no {sorted(missing)[0]!r}")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(ck["trainable"][n])
-        optimizer.load_state_dict(ck["optimizer"])
+        distributed.load_full_state(trainee, optimizer, ck["trainable"], ck["optimizer"], fsdp)
         st = ck["state"]
         scheduler.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"]) if st.get("scaler") else None
@@ -337,7 +331,6 @@ def main(cfg: TrainConfig) -> int:
             ema.load_state_dict(ck["ema"], st["ema_updates"])
         step, epoch, position = st["step"], st["epoch"], st["position"]
 
-    trainee_wrapped = distributed.wrap(trainee, d, cfg.fsdp, model.unet)
     if d.is_main:
         print(f"{stats}\n{ds.bucket_table()}")
         print(f"run plan: {len(ds)} images, {sampler.batches_per_epoch()} batches of {cfg.batch_size} x "
@@ -353,10 +346,13 @@ def main(cfg: TrainConfig) -> int:
     handlers = {s: signal.signal(s, lambda *_: stop.__setitem__("signal", True)) for s in
                 (signal.SIGINT, signal.SIGTERM)}
 
+    names = {n for n, _ in named_trainable}
+
     def save(step_now: int, epoch_now: int, position_now: int) -> None:
+        model_sd, optim_sd = distributed.full_state(trainee, optimizer, fsdp)  # a collective under FSDP
         if d.is_main:
-            checkpoint.save_checkpoint(out, step_now, trainable={n: p for n, p in named_trainable},
-                                       optimizer=optimizer, ema=ema.state_dict() if ema else None,
+            checkpoint.save_checkpoint(out, step_now, trainable={n: v for n, v in model_sd.items() if n in names},
+                                       optimizer=optim_sd, ema=ema.state_dict() if ema else None,
                                        keep=cfg.keep_checkpoints,
                                        state={"step": step_now, "epoch": epoch_now, "position": position_now,
                                               "scheduler": scheduler.state_dict(),
@@ -434,6 +430,14 @@ def main(cfg: TrainConfig) -> int:
         signal.signal(s, h)
     logger.close()
     if exit_code == 0:
+        if fsdp:  # gather the sharded UNet into a plain one on rank 0 before writing files
+            unet_sd = {k.removeprefix("unet."): v for k, v in distributed.full_state(trainee, optimizer, True)[0]
+                       .items() if k.startswith("unet.")}
+            if d.is_main:
+                from sdxl.unet import UNet
+                with torch.device("meta"):
+                    model.unet = UNet(model.unet.config)
+                model.unet.load_state_dict(unet_sd, assign=True)
         save_final(cfg, model, network, ema, out, d)
     distributed.cleanup(d)
     return max(exit_code, 0)
