@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig
-from .weights import CheckpointError, find_weights, load_into, read_json, read_weights
+from .weights import CheckpointError, find_weights, load_into, read_config, read_weights
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
@@ -331,13 +331,7 @@ def load_unet(folder: str | os.PathLike, device: str | torch.device = "cpu", dty
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
-    cfg_path = folder / "config.json"
-    try:
-        cfg = UNetConfig.from_diffusers(read_json(cfg_path))
-    except (KeyError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{cfg_path}: {e}") from None
+    cfg = read_config(folder / "config.json", UNetConfig.from_diffusers)
     with torch.device("meta"):
         unet = UNet(cfg)
     files = find_weights(folder, variant=variant)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import VAEConfig
 from .unet import Downsample2D, ResnetBlock2D, Upsample2D
-from .weights import CheckpointError, find_weights, load_into, read_json, read_state_dict, read_weights
+from .weights import CheckpointError, find_weights, load_into, read_config, read_state_dict, read_weights
 
 _EPS = 1e-6  # every norm in the VAE
 
@@ -247,13 +247,7 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     (e.g. the fp16-fix VAE); a single file is read with `config` (default: the SDXL VAE)."""
     path = Path(path)
     if path.is_dir():
-        cfg_path = path / "config.json"
-        try:
-            cfg = VAEConfig.from_diffusers(read_json(cfg_path))
-        except (KeyError, ValueError) as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointError(f"{cfg_path}: {e}") from None
+        cfg = read_config(path / "config.json", VAEConfig.from_diffusers)
         files = find_weights(path)
         sd, source = read_weights(files), str(files[0] if len(files) == 1 else path)
     elif path.is_file():

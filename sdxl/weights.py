@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 class CheckpointError(ValueError):
@@ -29,33 +30,90 @@ def read_json(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
-def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """A .safetensors file as a state dict, with one-line errors for missing, truncated or foreign files."""
+def _open_safetensors(path: Path):
+    """safetensors' lazy reader. The `pread` backend copies each tensor into memory of its own when asked for
+    it, so a tensor dropped after conversion is freed; the default mmap backend keeps every page read mapped
+    (and counted as resident) until the file is closed. safetensors before 0.7 has only mmap."""
+    try:
+        try:
+            return safe_open(str(path), framework="pt", backend="pread")
+        except TypeError:
+            return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def read_config(path: str | os.PathLike, parse):
+    """`parse(config.json contents)` (e.g. UNetConfig.from_diffusers), any problem reported naming the file."""
+    try:
+        return parse(read_json(path))
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a usable config ({type(e).__name__}: {e})") from None
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                     keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """A .safetensors file as a state dict, read one tensor at a time and converted to `dtype` (floating
+    tensors only) as it is read, so peak memory is the result plus one tensor. `keep(key)` selects keys.
+    One-line errors for missing, truncated or foreign files."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing file")
-    try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    with _open_safetensors(path) as f:
+        try:
+            return {k: _cast(f.get_tensor(k), dtype).to(device) for k in f.keys() if keep is None or keep(k)}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Any single weight file: safetensors, or a pickle read with weights_only=True (never arbitrary objects)."""
+def read_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """Any single weight file: safetensors, or a pickle read with weights_only=True (never arbitrary objects).
+    Floating tensors are converted to `dtype` one at a time; `keep(key)` selects keys."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
+        return read_safetensors(path, dtype=dtype, keep=keep)
+    sd = _read_pickle(path)
+    # mmap=True: each tensor is paged in from the file as it is converted, not all up front.
+    return {k: _cast(sd.pop(k), dtype) for k in list(sd) if keep is None or keep(k)}
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing file")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for unsafe or broken files
-        raise CheckpointError(f"{path}: cannot be read safely with weights_only=True "
-                              f"({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: cannot be read safely with weights_only=True ({_first_line(e)})") from None
     sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return sd
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The keys of a weight file as meta tensors of the stored shapes (nothing is read into memory), and its
+    safetensors metadata ({} for pickles): enough to check a file before loading it."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in _read_pickle(path).items()}, {}
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing file")
+    with _open_safetensors(path) as f:
+        # Shapes only: the meta tensors' dtype is float32 whatever the file holds.
+        return ({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()},
+                f.metadata() or {})
 
 
 def find_weights(folder: str | os.PathLike, stem: str = "diffusion_pytorch_model",
@@ -83,10 +141,10 @@ def find_weights(folder: str | os.PathLike, stem: str = "diffusion_pytorch_model
                           "or a sharded .index.json)")
 
 
-def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_weights(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
-        sd.update(read_state_dict(f))
+        sd.update(read_state_dict(f, dtype))
     return sd
 
 
@@ -112,14 +170,18 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
     Tensors are popped from `sd` one by one and assigned in place, so peak memory is one model plus one tensor.
     """
     check_keys(module, sd, source)
-    for name in list(sd):
-        t = sd.pop(name)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        sd[name] = t.to(device)
-    module.load_state_dict(sd, strict=True, assign=True)
+    module.load_state_dict(convert_(sd, device, dtype), strict=True, assign=True)
     sd.clear()
     return module
+
+
+def convert_(sd: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Move and cast the tensors of `sd` in place, one at a time, each made contiguous (layout conversions hand
+    over transposed views); the old tensor is released before the next is converted."""
+    for name in list(sd):
+        sd[name] = _cast(sd.pop(name), dtype).to(device).contiguous()
+    return sd
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
