@@ -5,7 +5,9 @@
     model.save_single_file(path)       # the original layout (A1111 / ComfyUI), configs in the metadata
 
 Every network is built on the meta device and its tensors are assigned straight into place, so loading holds
-one copy of the weights (plus one tensor in flight).
+one copy of the weights (plus one tensor in flight): files are read one tensor at a time, each cast to the
+requested dtype as it is read, and the layout conversion of a single file only makes views. A single file is
+checked key by key and shape by shape from its header before any tensor is read.
 """
 from __future__ import annotations
 
@@ -15,16 +17,15 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from . import convert
 from .config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from .text_encoders import CLIPTokenizer, DualCLIP, clip_text_config, text_encoder_config
+from .text_encoders import CLIPTokenizer, DualCLIP, text_encoder_config
 from .unet import UNet
 from .vae import AutoencoderKL, load_vae
-from .weights import (CheckpointError, find_weights, load_into, read_json, read_state_dict, read_weights,
-                      save_json, save_safetensors)
+from .weights import (CheckpointError, check_keys, convert_, find_weights, load_into, read_config, read_header,
+                      read_json, read_state_dict, read_weights, save_json, save_safetensors)
 
 # The published sdxl-base scheduler (EulerDiscrete, leading spacing); prediction_type is the model's.
 SCHEDULER_CONFIG = {
@@ -99,9 +100,11 @@ class SDXL(nn.Module):
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
         save_safetensors(sd, path, metadata={"format": "pt", _META_KEY: json.dumps(config_to_dict(self.config))})
 
-    def load_lora(self, path: str | os.PathLike, scale: float = 1.0):
-        from .lora import load_lora  # LoRA files: kohya, LyCORIS and PEFT layouts
-        return load_lora(self, path, scale)
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, merge: bool = True):
+        """Apply a LoRA file (kohya, LyCORIS, PEFT) with multiplier `scale`: merged into the weights, or
+        attached as hooks (`merge=False`); returns the LoRANetwork (`.remove()` takes it off again)."""
+        from .lora import load_lora
+        return load_lora(self, path, scale, merge)
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -124,78 +127,107 @@ def build_model(cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None,
 
 
 def _load_text(text: DualCLIP, sd1, sd2, source: str, device, dtype) -> None:
-    def prep(sd):
-        if sd is None:
-            return None
-        return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to(device)
-                for k, v in sd.items()}
     try:
-        text.load_weights(prep(sd1), prep(sd2))
+        text.load_weights(None if sd1 is None else convert_(sd1, device, dtype), convert_(sd2, device, dtype))
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
 def _from_preset(name: str, device, dtype, seed: int) -> SDXL:
-    torch.manual_seed(seed)
-    model = build_model(PRESETS[name])
+    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = build_model(PRESETS[name])
     return model.to(device=device, dtype=dtype)
 
 
-def _from_folder(folder: Path, device, dtype, variant: str | None) -> SDXL:
+def _folder_config(folder: Path) -> tuple[ModelConfig, CLIPTokenizer | None, CLIPTokenizer]:
     index = read_json(folder / "model_index.json")
+    pipeline = index.get("_class_name", "an unnamed pipeline")
+    if "transformer" in index and "unet" not in index:
+        raise CheckpointError(f"{folder}: not an SDXL model: {pipeline} has a transformer/, not a unet/ "
+                              "(FLUX, SD3, PixArt...)")
+    if "unet" in index and "text_encoder_2" not in index:
+        raise CheckpointError(f"{folder}: not an SDXL model: {pipeline} has no text_encoder_2 (SD1.x/2.x?)")
     for part in ("unet", "vae", "text_encoder_2", "tokenizer_2"):
         if not (folder / part).is_dir():
-            raise CheckpointError(f"{folder}: missing {part}/ folder (model_index.json names "
-                                  f"{index.get('_class_name', 'no pipeline')})")
-    unet_cfg = UNetConfig.from_diffusers(read_json(folder / "unet" / "config.json"))
-    vae_cfg = VAEConfig.from_diffusers(read_json(folder / "vae" / "config.json"))
+            raise CheckpointError(f"{folder}: missing {part}/ folder (model_index.json names {pipeline})")
     has_te1 = (folder / "text_encoder").is_dir() and index.get("text_encoder", [None])[0] is not None
     tok1 = CLIPTokenizer.from_pretrained(folder / "tokenizer") if has_te1 else None
     tok2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
-    te1 = text_encoder_config(read_json(folder / "text_encoder" / "config.json"), with_projection=False,
-                              pad_token=tok1.pad_token) if has_te1 else None
-    te2 = text_encoder_config(read_json(folder / "text_encoder_2" / "config.json"), with_projection=True,
-                              pad_token=tok2.pad_token)
+    te1 = read_config(folder / "text_encoder" / "config.json", lambda d: text_encoder_config(
+        d, with_projection=False, pad_token=tok1.pad_token)) if has_te1 else None
+    te2 = read_config(folder / "text_encoder_2" / "config.json", lambda d: text_encoder_config(
+        d, with_projection=True, pad_token=tok2.pad_token))
     sched = folder / "scheduler" / "scheduler_config.json"
-    prediction = read_json(sched).get("prediction_type", "epsilon") if sched.is_file() else "epsilon"
-    cfg = ModelConfig(unet=unet_cfg, vae=vae_cfg, text_encoder=te1, text_encoder_2=te2, prediction_type=prediction)
+    cfg = ModelConfig(unet=read_config(folder / "unet" / "config.json", UNetConfig.from_diffusers),
+                      vae=read_config(folder / "vae" / "config.json", VAEConfig.from_diffusers),
+                      text_encoder=te1, text_encoder_2=te2,
+                      prediction_type=read_json(sched).get("prediction_type", "epsilon") if sched.is_file()
+                      else "epsilon")
+    return cfg, tok1, tok2
+
+
+def _from_folder(folder: Path, device, dtype, variant: str | None) -> SDXL:
+    cfg, tok1, tok2 = _folder_config(folder)
     with torch.device("meta"):
         model = build_model(cfg, tok1, tok2)
+    # One component at a time, each tensor cast as it is read: peak = the model + one tensor.
     for name, module in (("unet", model.unet), ("vae", model.vae)):
         files = find_weights(folder / name, variant=variant)
-        load_into(module, read_weights(files), str(folder / name), device, dtype)
-    sd1 = read_weights(find_weights(folder / "text_encoder", "model", variant)) if has_te1 else None
-    sd2 = read_weights(find_weights(folder / "text_encoder_2", "model", variant))
-    _load_text(model.text, sd1, sd2, str(folder), device, dtype)
+        load_into(module, read_weights(files, dtype), str(folder / name), device)
+    sd1 = read_weights(find_weights(folder / "text_encoder", "model", variant), dtype) if tok1 else None
+    sd2 = read_weights(find_weights(folder / "text_encoder_2", "model", variant), dtype)
+    _load_text(model.text, sd1, sd2, str(folder), device, None)
     return model
 
 
-def _single_file_config(path: Path, sd: dict) -> ModelConfig:
-    meta = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    if _META_KEY in meta:
-        return config_from_dict(json.loads(meta[_META_KEY]))
+# The components' prefixes in the original layout; every other key is one convert.split_original drops.
+_COMPONENTS = (convert.UNET_PREFIX, convert.VAE_PREFIX, convert.CLIP_L_PREFIX, convert.BIGG_PREFIX,
+               convert.BIGG_REFINER_PREFIX)
+
+
+def _single_file_config(path: Path, header: dict, metadata: dict[str, str]) -> ModelConfig:
+    """The ModelConfig we recorded in the metadata, else the standard preset the keys say (base / refiner)."""
+    if _META_KEY in metadata:
+        try:
+            return config_from_dict(json.loads(metadata[_META_KEY]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable {_META_KEY} metadata ({e})") from None
     try:
-        return PRESETS[convert.detect_original(sd)]
+        return PRESETS[convert.detect_original(header)]
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 
 def _from_single_file(path: Path, device, dtype) -> SDXL:
-    sd = read_state_dict(path)
-    cfg = _single_file_config(path, sd)
-    try:
-        parts = convert.split_original(sd, cfg.unet)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    del sd  # the component dicts now hold the only references: each tensor is freed once converted
+    header, metadata = read_header(path)  # keys and shapes only
+    cfg = _single_file_config(path, header, metadata)
     with torch.device("meta"):
         model = build_model(cfg)
-    load_into(model.unet, parts.pop("unet"), str(path) + " (UNet)", device, dtype)
-    load_into(model.vae, parts.pop("vae"), str(path) + " (VAE)", device, dtype)
-    _load_text(model.text, parts.pop("text_encoder"), parts.pop("text_encoder_2"), str(path), device, dtype)
+    # Check every key and shape on meta tensors before reading a byte of the file.
+    try:
+        parts = convert.split_original(header, cfg.unet)
+        for part, label, module in (("unet", "UNet", model.unet), ("vae", "VAE", model.vae),
+                                    ("text_encoder", "CLIP-L", model.text.text_encoder),
+                                    ("text_encoder_2", "bigG", model.text.text_encoder_2)):
+            if (module is None) != (parts[part] is None):
+                raise CheckpointError(f"{path}: the file and its config disagree on having a {label}")
+            if module is not None:
+                check_keys(module, parts[part], f"{path} ({label})")
+    except ValueError as e:
+        msg = str(e) if isinstance(e, CheckpointError) else f"{path}: {e}"
+        if _META_KEY not in metadata:  # the likely cause: a non-standard size saved by another tool
+            msg += (f" (read as {convert.detect_original(header)}: a file without {_META_KEY} metadata is taken "
+                    "to have the standard sizes)")
+        raise CheckpointError(msg) from None
+    # Each tensor is cast as it is read; the conversion only makes views (q/k/v chunks, transposes), and `sd`
+    # is dropped so that the component dicts hold the only references: peak = the model + one tensor.
+    sd = read_state_dict(path, dtype, keep=lambda k: k.startswith(_COMPONENTS))
+    parts = convert.split_original(sd, cfg.unet)
+    del sd
+    load_into(model.unet, parts.pop("unet"), f"{path} (UNet)", device)
+    load_into(model.vae, parts.pop("vae"), f"{path} (VAE)", device)
+    _load_text(model.text, parts.pop("text_encoder"), parts.pop("text_encoder_2"), str(path), device, None)
     return model
 
 
