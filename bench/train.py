@@ -74,6 +74,8 @@ def main():
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(1)  # measure() then uses process CPU time: stable on a shared machine
     cfg = SDXL_BASE.unet if a.full else CPU_CONFIG
     latent = 128 if a.full else 32
     autocast_dtype = torch.bfloat16 if gpu else torch.float32

@@ -81,7 +81,9 @@ def sync(device):
 
 
 def measure(fns: dict, device, warmup: int, iters: int) -> dict:
-    """Interleaved timing; peak memory per function measured on its own run."""
+    """Interleaved timing; peak memory per function measured on its own run. On the CPU the clock is this
+    process's CPU time (run with one thread), so other load on a shared machine does not skew the ratio."""
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times = {k: [] for k in fns}
     peaks = {}
     for k, fn in fns.items():
@@ -97,10 +99,10 @@ def measure(fns: dict, device, warmup: int, iters: int) -> dict:
     for _ in range(iters):
         for k, fn in fns.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     return {k: {"median_s": statistics.median(v), "peak_gib": peaks.get(k)} for k, v in times.items()}
 
 
@@ -116,6 +118,8 @@ def main():
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    if not gpu:
+        torch.set_num_threads(1)  # CPU time of one thread: a stable measure on a shared machine
     cfg = SDXL_BASE.unet if a.full else CPU_CONFIG
     dtype = torch.bfloat16 if gpu else torch.float32
     latent = a.latent or (128 if a.full else 32)

@@ -105,7 +105,9 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
                 ([seed + i for i in range(B)] if isinstance(seed, int) else seed)]
         kwargs["noise_sampler"] = lambda s, s_next: torch.cat(
             [torch.randn((1, *shape), generator=g) for g in gens]).to(device)
-    x = fn(denoiser, x, schedule.sigmas.to(device), **kwargs) * schedule.final_scale
+    # Sigmas stay on the CPU: 0-d CPU tensors mix freely with device tensors, and reading one per step
+    # (for the timestep lookup) then costs no device sync.
+    x = fn(denoiser, x, schedule.sigmas, **kwargs) * schedule.final_scale
     if output_type == "latent":
         return x
     sf, shift = vae.config.scaling_factor, vae.config.shift_factor
