@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     from sdxl.weights import CheckpointError
     from training.data import DatasetError
     try:
-        return runner(cfg)
+        return runner(cfg, given)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as e:
         print(f"train_sdxl.py: error: {e}", file=sys.stderr)
         return 2

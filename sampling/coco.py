@@ -3,7 +3,7 @@
 Every PNG is written to a temporary name and renamed, so a PNG that exists is complete. The index
 (annotations/captions.json or prompts.txt) is derived from the PNGs' own text chunks and rewritten atomically,
 so a killed run loses only the images in flight and a rerun over the same folder skips what is done and never
-duplicates an entry.
+duplicates an entry. One run at a time per folder.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 COCO = "coco"
 SIMPLE = "simple"
@@ -27,15 +28,31 @@ class Record:
     width: int
     height: int
     caption: str
+    parameters: str = ""  # the PNG's A1111 `parameters` text
+
+
+# Our sampler names as A1111 displays them (what civitai and image browsers parse); others are written as is.
+A1111_SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "ddim": "DDIM",
+                  "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE"}
+
+
+def a1111_sampler(name: str) -> str:
+    base = name.removesuffix("_karras")
+    return A1111_SAMPLERS.get(base, base) + (" Karras" if base != name else "")
 
 
 def a1111_parameters(prompt: str, negative: str | None, steps: int, sampler: str, cfg: float, seed: int,
                      width: int, height: int, model: str) -> str:
-    """The `parameters` text A1111 writes (and civitai / image browsers read)."""
+    """The `parameters` text A1111 writes (and civitai / image browsers read):
+
+        <prompt>
+        Negative prompt: <negative>            (only when there is one)
+        Steps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: <name>
+    """
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, Seed: {seed}, "
+    lines.append(f"Steps: {steps}, Sampler: {a1111_sampler(sampler)}, CFG scale: {cfg:g}, Seed: {seed}, "
                  f"Size: {width}x{height}, Model: {model}")
     return "\n".join(lines)
 
@@ -64,7 +81,8 @@ class ImageFolder:
         return int(m.group(1)) - 1 if self.fmt == COCO else int(m.group(1))
 
     def scan(self) -> set[int]:
-        """Indices already finished (their PNG exists); their records are read back from the PNGs."""
+        """Indices already finished (their PNG exists); their records are read back from the PNGs' text chunks
+        (PIL reads the chunks before the pixel data, so this does not decode images)."""
         done = set()
         if not self.image_dir.is_dir():
             return done
@@ -74,26 +92,40 @@ class ImageFolder:
                 continue
             try:
                 with Image.open(p) as im:
-                    caption = im.text.get("caption")
-                    size = im.size
+                    text, size = im.text, im.size
             except OSError:
                 continue  # unreadable: treat as not done, it will be made again
-            if caption is None:
-                continue
-            self.records[index] = Record(index, p.name, size[0], size[1], caption)
+            if "caption" not in text:
+                continue  # not written by us
+            self.records[index] = Record(index, p.name, size[0], size[1], text["caption"],
+                                         text.get("parameters", ""))
             done.add(index)
         return done
 
+    @property
+    def index_path(self) -> Path:
+        return self.root / "annotations" / "captions.json" if self.fmt == COCO else self.root / "prompts.txt"
+
+    def remove_partial(self) -> int:
+        """Delete the temporary files a killed run left behind (never counted as images); returns how many."""
+        stale = list(self.image_dir.glob("*.png.*.tmp")) if self.image_dir.is_dir() else []
+        if self.index_path.parent.is_dir():
+            stale += self.index_path.parent.glob(f"{self.index_path.name}.*.tmp")
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
+
     def save(self, index: int, image: Image.Image, caption: str, parameters: str) -> Record:
-        info = PngImagePlugin.PngInfo()
-        info.add_itxt("parameters", parameters)
-        info.add_itxt("caption", caption)
+        info = PngInfo()
+        info.add_text("parameters", parameters)  # tEXt, or iTXt when not Latin-1: as A1111 writes it
+        info.add_text("caption", caption)
         path = self.path(index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        # A name per process: a leftover worker of a killed run never races a new run for the same file.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
-        rec = Record(index, path.name, image.width, image.height, caption)
+        rec = Record(index, path.name, image.width, image.height, caption, parameters)
         self.records[index] = rec
         return rec
 
@@ -103,12 +135,12 @@ class ImageFolder:
     def write_index(self) -> Path:
         """Rewrite captions.json / prompts.txt from the records, atomically."""
         recs = [self.records[i] for i in sorted(self.records)]
+        path = self.index_path
         if self.fmt == COCO:
-            path = self.root / "annotations" / "captions.json"
             now = datetime.datetime.now(datetime.timezone.utc)
             data = {
-                "info": {"description": "Images generated by sdxl-mini generate.py", "version": "1.0",
-                         "year": now.year, "date_created": now.isoformat(timespec="seconds")},
+                "info": {"description": "Images generated by sdxl-mini generate.py", "url": "", "version": "1.0",
+                         "year": now.year, "contributor": "", "date_created": now.isoformat(timespec="seconds")},
                 "licenses": [],
                 "images": [{"id": r.index + 1, "file_name": r.file_name, "width": r.width, "height": r.height}
                            for r in recs],
@@ -116,10 +148,9 @@ class ImageFolder:
             }
             text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
         else:
-            path = self.root / "prompts.txt"
             text = "".join(f"{r.file_name}\t{' '.join(r.caption.split())}\n" for r in recs)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
         return path

@@ -58,6 +58,11 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
     timesteps (0..1000): guidance only there. sampler: any name of `sdxl.samplers.sampler_names()`.
     output_type: "pil" (list of PIL images), "pt" (tensor in [-1, 1]) or "latent" (unscaled latents).
     """
+    if getattr(model, "is_pixel", False):  # a pixel-space model brings its own schedule and parameterisation
+        from .pixel import generate_pixel
+        return generate_pixel(model, prompts, negative_prompt, height, width, steps, guidance_scale, sampler, seed,
+                              latents, guidance_interval=guidance_interval, clip_skip=clip_skip,
+                              output_type=output_type, callback=callback)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     B = len(prompts)
     check_size(model, height, width)

@@ -237,6 +237,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     weights_only=True), or a preset name (random init from `seed`). `vae` replaces the VAE (folder or file,
     e.g. the fp16-fix VAE)."""
     p = Path(path)
+    from .patch_codec import PIXEL_PRESETS, is_pixel_folder, load_pixel_model  # pixel-space models: no VAE
+    if (p.is_dir() and is_pixel_folder(p)) or (isinstance(path, str) and path in PIXEL_PRESETS and not p.exists()):
+        if vae is not None:
+            raise CheckpointError(f"{path}: a pixel-space model has no VAE to replace")
+        return load_pixel_model(path, device, dtype, seed)
     if isinstance(path, str) and path in PRESETS and not p.exists():
         model = _from_preset(path, device, dtype, seed)
     elif p.is_dir():

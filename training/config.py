@@ -215,10 +215,10 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError("--max_steps must be at least 1")
     min_side = cfg.min_side or cfg.image_size // 2
-    if not 0 < cfg.bucket_step <= min_side:
+    if not cfg.demo and not 0 < cfg.bucket_step <= min_side:  # the demo sets its own buckets
         raise ConfigError(f"--bucket_step {cfg.bucket_step} must be in (0, smallest bucket side {min_side}]: "
                           "lower it for small --image_size")
-    if cfg.image_size % cfg.bucket_step:
+    if not cfg.demo and cfg.image_size % cfg.bucket_step:
         raise ConfigError(f"--image_size {cfg.image_size} must be a multiple of --bucket_step {cfg.bucket_step}")
     if cfg.cache_text_embeddings and (cfg.shuffle_tags or cfg.tag_dropout or cfg.caption_dropout):
         raise ConfigError("--cache_text_embeddings cannot be used with caption shuffling or dropout "

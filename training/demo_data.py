@@ -49,10 +49,10 @@ def train_combos() -> list[Combo]:
 
 
 def draw(combo: Combo, size: int, rng: np.random.Generator) -> np.ndarray:
-    """(size, size, 3) uint8: the shape at a random place and scale (a quarter to a half of the side)."""
+    """(size, size, 3) uint8: the shape at a random place and scale."""
     img = np.empty((size, size, 3), np.uint8)
     img[:] = BACKGROUNDS[combo.background]
-    r = rng.uniform(0.125, 0.25) * size  # half the shape's extent
+    r = rng.uniform(0.2, 0.3) * size  # half the shape's extent: 40% to 60% of the side
     cy, cx = rng.uniform(r + 1, size - r - 1, 2)
     yy, xx = np.mgrid[:size, :size] + 0.5
     dy, dx = yy - cy, xx - cx
@@ -81,10 +81,12 @@ class DemoData:
 
 
 def shape_colour(image: np.ndarray, background: str, threshold: float = 60.0) -> str | None:
-    """The nearest of COLOURS to the mean colour of the pixels farther than `threshold` (RGB distance) from the
-    background; None when fewer than 1% of the pixels are (no shape drawn)."""
+    """The nearest of COLOURS to the mean colour of the shape's pixels: those farther (RGB distance) from the
+    background colour than `threshold` and than half the farthest pixel, so that the edges a blurry sample blends
+    with the background do not shift the mean. None when fewer than 1% of the pixels qualify (no shape drawn)."""
     img = image.astype(np.float64).reshape(-1, 3)
-    far = np.linalg.norm(img - np.array(BACKGROUNDS[background]), axis=1) > threshold
+    dist = np.linalg.norm(img - np.array(BACKGROUNDS[background]), axis=1)
+    far = dist > max(threshold, 0.5 * dist.max())
     if far.sum() < 0.01 * len(img):
         return None
     mean = img[far].mean(axis=0)

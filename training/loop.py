@@ -62,7 +62,8 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
     name = cfg.optimizer
     if name == "adamw":
         return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                 weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+                                 weight_decay=cfg.weight_decay, fused=device.type == "cuda",
+                                 foreach=device.type != "cuda")
     if name == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, weight_decay=cfg.weight_decay)
     if name == "adafactor":
@@ -203,7 +204,8 @@ def latent_loss(cfg: TrainConfig, trainee, batch: dict, model, alphas_cumprod: t
 
 # ---- main ---------------------------------------------------------------------------------------------------
 
-def main(cfg: TrainConfig) -> int:
+def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
+    """Train; `given` (the fields set by flag or file) is unused here: latent defaults need no overriding."""
     # -- setup
     d = distributed.init()
     out = Path(cfg.output_dir)

@@ -87,6 +87,8 @@ def load_teacher(path: str, pcfg: PixelConfig, device, dtype):
         teacher = sdxl.load_model(path, device=device, dtype=dtype)
     except CheckpointError as e:
         raise CheckpointError(f"--teacher_checkpoint: not a latent SDXL: {e}") from None
+    if getattr(teacher, "is_pixel", False):
+        raise CheckpointError(f"{path}: --teacher_checkpoint is a pixel model; the teacher must be a latent SDXL")
     if teacher.config.unet != pcfg.unet:
         raise CheckpointError(f"{path}: the teacher's UNet ({teacher.config.unet.block_out_channels}) is not the "
                               f"pixel model's body ({pcfg.unet.block_out_channels})")
@@ -148,9 +150,9 @@ def _is_set(cfg: TrainConfig, given: set[str] | None, name: str) -> bool:
     return getattr(cfg, name) != f.default
 
 
-DEMO_DEFAULTS = dict(output_dir="out/demo", image_size=64, bucket_step=64, batch_size=32, max_steps=1500,
+DEMO_DEFAULTS = dict(output_dir="out/demo", image_size=64, bucket_step=64, batch_size=16, max_steps=4000,
                      learning_rate=2e-3, lr_warmup_steps=50, lr_scheduler="cosine", weight_decay=0.0,
-                     caption_dropout=0.1, precision="fp32", sample_steps=25, sample_sampler="heun", sample_cfg=3.0,
+                     caption_dropout=0.1, precision="fp32", sample_steps=50, sample_sampler="heun", sample_cfg=3.0,
                      num_workers=0, log_every=25)
 
 
@@ -163,7 +165,12 @@ def load_pixel(cfg: TrainConfig, device, dtype) -> PixelSDXL:
     if cfg.demo:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            return build_pixel_model(DEMO).to(device, dtype)
+            model = build_pixel_model(DEMO)
+            # A random CLIP's token embeddings (std 0.02) make every prompt's context nearly the same, and the
+            # UNet then needs hundreds of steps to start reading it; at std 1 colour words stand apart at once.
+            for enc in (model.text.text_encoder, model.text.text_encoder_2):
+                enc.text_model.embeddings.token_embedding.weight.data.normal_(0, 1)
+        return model.to(device, dtype)
     path = cfg.pretrained_model
     if is_pixel_folder(path) or (path in PIXEL_PRESETS and not Path(path).exists()):
         return load_pixel_model(path, device, dtype)
@@ -201,7 +208,8 @@ def demo_batches(cfg: TrainConfig, device):
 
 
 def folder_batches(cfg: TrainConfig, multiple: int, device):
-    """Endless (pixels, captions, time_ids) from --data_dir / --metadata_files, epoch after epoch."""
+    """(endless (pixels, captions, time_ids) from --data_dir / --metadata_files epoch after epoch, batches per
+    epoch)."""
     from training.buckets import BucketBatchSampler
     from training.captions import CaptionConfig
     from training.data import BucketDataset, collate, open_dataset
@@ -219,13 +227,16 @@ def folder_batches(cfg: TrainConfig, multiple: int, device):
         raise ConfigError("pixel training needs a folder or metadata source (tar shards are not supported)")
     sampler = BucketBatchSampler(ds.bucket_ids, cfg.batch_size, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
-    epoch = 0
-    while True:
-        sampler.set_epoch(epoch, 0)
-        ds.set_epoch(epoch)
-        for batch in loader:
-            yield batch["pixels"].to(device), batch["caption"], batch["time_ids"].to(device)
-        epoch += 1
+
+    def batches():
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch, 0)
+            ds.set_epoch(epoch)
+            for batch in loader:
+                yield batch["pixels"].to(device), batch["caption"], batch["time_ids"].to(device)
+            epoch += 1
+    return batches(), sampler.batches_per_epoch()
 
 
 # ---- main -----------------------------------------------------------------------------------------------------
@@ -277,7 +288,15 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
     named_trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named_trainable]
     optimizer = build_optimizer(cfg, groups, device)
-    total_steps = cfg.max_steps or cfg.num_epochs * 1000  # no epochs for the endless demo data; see --max_steps
+
+    # -- data (the demo's stream is endless: it always runs --max_steps)
+    if cfg.demo:
+        batches, steps_per_epoch = demo_batches(cfg, device), 0
+    else:
+        batches, per_epoch = folder_batches(cfg, pcfg.size_multiple, device)
+        steps_per_epoch = max(1, per_epoch // cfg.gradient_accumulation_steps)
+    cache: dict | None = {} if cfg.demo else None  # the demo's few captions are encoded once
+    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     ema = None
     if cfg.ema_decay:
@@ -290,10 +309,6 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
     mode = cfg.timestep_sampling if _is_set(cfg, given, "timestep_sampling") else "logit_normal"
     mean = cfg.logit_mean if _is_set(cfg, given, "logit_mean") else pcfg.logit_mean
     std = cfg.logit_std if _is_set(cfg, given, "logit_std") else pcfg.logit_std
-
-    # -- data
-    cache: dict | None = {} if cfg.demo else None  # the demo's few captions are encoded once
-    batches = demo_batches(cfg, device) if cfg.demo else folder_batches(cfg, pcfg.size_multiple, device)
 
     # -- resume
     step = 0
@@ -330,7 +345,7 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
         ema_state = dict(ema.state_dict()) if ema is not None else {}
         for i, shadow in enumerate(power.shadows):
             ema_state.update({f"posthoc{i}/{n}": v for n, v in shadow.items()})
-        checkpoint.save_checkpoint(out, step_now, trainable=dict(named_trainable), optimizer=optimizer,
+        checkpoint.save_checkpoint(out, step_now, trainable=dict(named_trainable), optimizer=optimizer.state_dict(),
                                    ema=ema_state, keep=cfg.keep_checkpoints,
                                    state={"step": step_now, "stage": stage, "scheduler": scheduler.state_dict(),
                                           "ema_updates": ema.num_updates if ema else 0})
@@ -400,7 +415,7 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
 
 # ---- the demo's evaluation ------------------------------------------------------------------------------------
 
-def demo_evaluation(model: PixelSDXL, cfg: TrainConfig, out: Path, seeds_per_combo: int = 4) -> float:
+def demo_evaluation(model: PixelSDXL, cfg: TrainConfig, out: Path, seeds_per_combo: int = 8) -> float:
     """Generate every held-out caption `seeds_per_combo` times, write <out>/samples.png (a row per caption) and
     return the colour adherence."""
     from sampling.pixel import generate_pixel

@@ -77,10 +77,11 @@ class PowerEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the weights after optimizer step `step` (1-based)."""
+        live = [p.detach().to(torch.float32) for p in self.params.values()]
         for gamma, shadow in zip(self.gammas, self.shadows):
             beta = (1 - 1 / step) ** (gamma + 1)
-            for n, p in self.params.items():
-                shadow[n].lerp_(p.detach().to(shadow[n].device, torch.float32), 1 - beta)
+            targets = list(shadow.values())
+            torch._foreach_lerp_(targets, [x.to(t.device) for x, t in zip(live, targets)], 1 - beta)
 
     def save_snapshots(self, folder: str | Path, step: int) -> list[Path]:
         paths = []
