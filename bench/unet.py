@@ -157,12 +157,10 @@ def main():
                     print(f"{mode:8s} ckpt={str(ckpt):5s} batch={batch} {row['pass']:8s} "
                           f"ref {row['reference_median_s'] * 1e3:9.1f} ms  ours {row['ours_median_s'] * 1e3:9.1f} ms"
                           f"  ratio {row['time_ratio']:.3f}{mem}")
-                    del args
-                    args = make_inputs(cfg, batch, latent, device, dtype)
     import diffusers
     result = {"bench": "unet", "device": device_name(device), "cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-              "date": datetime.date.today().isoformat(), "config": "sdxl-base" if a.full else "cpu-50m",
+              "date": datetime.date.today().isoformat(), "config": "sdxl-base" if a.full else "cpu-56m",
               "params": n_params, "latent": latent, "dtype": str(dtype).replace("torch.", ""), "rows": rows}
     out = Path(a.out or Path(__file__).parent / "results" / f"{device_name(device)}-unet.json")
     out.parent.mkdir(parents=True, exist_ok=True)

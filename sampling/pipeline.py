@@ -31,6 +31,19 @@ def image_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+def initial_noise(seed: int | Sequence[int], latents: torch.Tensor | None, batch: int,
+                  shape: tuple[int, ...]) -> torch.Tensor:
+    """The given unit-variance `latents` (checked), or per-image noise from seed + i (or a list of seeds)."""
+    if latents is None:
+        seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
+        latents = image_noise(seeds, shape)
+    if tuple(latents.shape) != (batch, *shape):
+        raise ValueError(f"latents must have shape {(batch, *shape)}, got {tuple(latents.shape)}")
+    return latents
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL, rounded as the reference pipeline's postprocessing."""
     arr = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -71,13 +84,7 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
     device, dtype = unet.device, unet.dtype
     f = vae.config.downsample_factor
     shape = (unet.config.in_channels, height // f, width // f)
-    if latents is None:
-        seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
-        if len(seeds) != B:
-            raise ValueError(f"{len(seeds)} seeds for {B} prompts")
-        latents = image_noise(seeds, shape)
-    if tuple(latents.shape) != (B, *shape):
-        raise ValueError(f"latents must have shape {(B, *shape)}, got {tuple(latents.shape)}")
+    latents = initial_noise(seed, latents, B, shape)
 
     ctx, pooled, neg_ctx, neg_pooled = model.text.encode_pair(prompts, negative_prompt, clip_skip)
     n_ids = unet.config.num_time_ids

@@ -13,7 +13,7 @@ import torch
 
 from sdxl.samplers import cfg_denoiser, flow_sigmas, sample_flow_euler, sample_flow_heun
 
-from .pipeline import image_noise, micro_conditioning, to_pil
+from .pipeline import initial_noise, micro_conditioning, to_pil
 
 PIXEL_SAMPLERS = {"euler": sample_flow_euler, "heun": sample_flow_heun,
                   "flow_euler": sample_flow_euler, "flow_heun": sample_flow_heun}
@@ -43,13 +43,7 @@ def generate_pixel(model, prompts: str | Sequence[str], negative_prompt: str | S
                          f"(patch {cfg.patch_size} times the body's downsampling)")
     device, dtype = unet.device, unet.dtype
     shape = (3, height, width)
-    if latents is None:
-        seeds = [seed + i for i in range(B)] if isinstance(seed, int) else list(seed)
-        if len(seeds) != B:
-            raise ValueError(f"{len(seeds)} seeds for {B} prompts")
-        latents = image_noise(seeds, shape)
-    if tuple(latents.shape) != (B, *shape):
-        raise ValueError(f"latents must have shape {(B, *shape)}, got {tuple(latents.shape)}")
+    latents = initial_noise(seed, latents, B, shape)
 
     ctx, pooled, neg_ctx, neg_pooled = model.text.encode_pair(prompts, negative_prompt, clip_skip)
     ids = torch.tensor([micro_conditioning(unet.config.unet.num_time_ids, height, width, 6.0)] * B, device=device)

@@ -74,13 +74,7 @@ class SDXL(nn.Module):
         save_safetensors(self.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
         save_json(self.config.vae.to_diffusers(), folder / "vae" / "config.json")
         save_safetensors(self.vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
-        for name, module, tok in (("text_encoder", self.text.text_encoder, self.text.tokenizer),
-                                  ("text_encoder_2", self.text.text_encoder_2, self.text.tokenizer_2)):
-            if module is None:
-                continue
-            save_json(module.config.to_dict(), folder / name / "config.json")
-            save_safetensors(module.state_dict(), folder / name / "model.safetensors", metadata={"format": "pt"})
-            tok.save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
+        self.text.save_pretrained(folder)
         save_json({**SCHEDULER_CONFIG, "prediction_type": self.config.prediction_type},
                   folder / "scheduler" / "scheduler_config.json")
         save_json(index, folder / "model_index.json")  # last: a folder with an index is complete

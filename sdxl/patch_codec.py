@@ -322,13 +322,7 @@ class PixelSDXL(nn.Module):
         folder = Path(folder)
         save_json(self.config.to_dict(), folder / PIXEL_CONFIG)
         save_safetensors(self.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
-        for name, module, tok in (("text_encoder", self.text.text_encoder, self.text.tokenizer),
-                                  ("text_encoder_2", self.text.text_encoder_2, self.text.tokenizer_2)):
-            if module is None:
-                continue
-            save_json(module.config.to_dict(), folder / name / "config.json")
-            save_safetensors(module.state_dict(), folder / name / "model.safetensors", metadata={"format": "pt"})
-            tok.save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
+        self.text.save_pretrained(folder)
         save_json({"_class_name": PIXEL_PIPELINE, "unet": ["sdxl", "PixelUNet"],
                    "text_encoder": ["transformers", "CLIPTextModel"] if self.text.text_encoder is not None
                    else [None, None],

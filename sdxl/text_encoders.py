@@ -379,6 +379,19 @@ class DualCLIP(nn.Module):
             weight = emb.position_embedding.weight
             emb.position_ids = torch.arange(weight.shape[0], device=weight.device).expand(1, -1)
 
+    def save_pretrained(self, folder) -> None:
+        """text_encoder/, text_encoder_2/ (config.json + model.safetensors) and tokenizer*/ into a diffusers
+        model folder; each file written atomically."""
+        from .weights import save_json, save_safetensors
+        folder = Path(folder)
+        for name, module, tok in (("text_encoder", self.text_encoder, self.tokenizer),
+                                  ("text_encoder_2", self.text_encoder_2, self.tokenizer_2)):
+            if module is None:
+                continue
+            save_json(module.config.to_dict(), folder / name / "config.json")
+            save_safetensors(module.state_dict(), folder / name / "model.safetensors", metadata={"format": "pt"})
+            tok.save_pretrained(folder / name.replace("text_encoder", "tokenizer"))
+
     def _towers(self) -> list[tuple[CLIPTokenizer, nn.Module]]:
         towers = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
         return [(t, e) for t, e in towers if e is not None]

@@ -148,6 +148,19 @@ def memory_plan(cfg, model, trainable: list[nn.Parameter], network, largest_buck
     return "\n".join(lines)
 
 
+def open_data(cfg: TrainConfig, **kw):
+    """The dataset the data flags point at, with the caption rules of the caption flags."""
+    from training.captions import CaptionConfig
+    from training.data import open_dataset
+    caption_cfg = CaptionConfig(shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+                                tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout,
+                                prefix=cfg.caption_prefix)
+    return open_dataset(cfg.data_dir, cfg.metadata_files, cfg.train_shards, image_size=cfg.image_size,
+                        step=cfg.bucket_step, min_side=cfg.min_side, max_side=cfg.max_side,
+                        min_image_size=cfg.min_image_size, random_crop=cfg.random_crop, flip_aug=cfg.flip_aug,
+                        caption_config=caption_cfg, seed=cfg.seed, **kw)
+
+
 def fingerprint(module: nn.Module) -> str:
     """A cheap identity of a network's weights for cache keys: shapes plus the bytes of a few tensors."""
     h = hashlib.blake2b(digest_size=12)
@@ -272,22 +285,14 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
     # -- data (and caches, after which the VAE / text encoders can leave the GPU)
     from training import cache as cache_mod
     from training.buckets import BucketBatchSampler
-    from training.captions import CaptionConfig
-    from training.data import BucketDataset, DataStats, collate, open_dataset
+    from training.data import BucketDataset, DataStats, collate
     stats = DataStats()
     cache_dir = Path(cfg.cache_dir or out / "cache")
     latent_cache = cache_mod.LatentCache(cache_dir / "latents", fingerprint(model.vae), cfg.flip_aug) \
         if cfg.cache_latents else None
     text_cache = cache_mod.TextCache(cache_dir / "text", fingerprint(model.text)) \
         if cfg.cache_text_embeddings else None
-    caption_cfg = CaptionConfig(shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                                tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout,
-                                prefix=cfg.caption_prefix)
-    ds = open_dataset(cfg.data_dir, cfg.metadata_files, cfg.train_shards, image_size=cfg.image_size,
-                      step=cfg.bucket_step, min_side=cfg.min_side, max_side=cfg.max_side,
-                      min_image_size=cfg.min_image_size, random_crop=cfg.random_crop, flip_aug=cfg.flip_aug,
-                      caption_config=caption_cfg, seed=cfg.seed, stats=stats, latent_cache=latent_cache,
-                      text_cache=text_cache)
+    ds = open_data(cfg, stats=stats, latent_cache=latent_cache, text_cache=text_cache)
     if not isinstance(ds, BucketDataset):
         raise ConfigError("tar shards stream without a fixed epoch: this trainer needs a folder or metadata "
                           "source for exact resume (pass --data_dir FOLDER or --metadata_files)")

@@ -39,7 +39,7 @@ from sdxl.weights import CheckpointError
 from training import checkpoint
 from training.config import ConfigError, TrainConfig
 from training.logging import Logger
-from training.loop import DTYPES, build_optimizer, lr_lambda, sample_seed
+from training.loop import DTYPES, build_optimizer, lr_lambda, open_data, sample_seed
 from training.post_hoc_ema import PowerEMA
 
 POSTHOC_STDS = (0.05, 0.10)  # the snapshot profiles (EDM2 keeps two)
@@ -211,18 +211,11 @@ def folder_batches(cfg: TrainConfig, multiple: int, device):
     """(endless (pixels, captions, time_ids) from --data_dir / --metadata_files epoch after epoch, batches per
     epoch)."""
     from training.buckets import BucketBatchSampler
-    from training.captions import CaptionConfig
-    from training.data import BucketDataset, collate, open_dataset
+    from training.data import BucketDataset, collate
     if cfg.bucket_step % multiple:
         raise ConfigError(f"--bucket_step {cfg.bucket_step} must be a multiple of {multiple} (the pixel model's "
                           "patch size times its body's downsampling) so every bucket side is")
-    caption_cfg = CaptionConfig(shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                                tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout,
-                                prefix=cfg.caption_prefix)
-    ds = open_dataset(cfg.data_dir, cfg.metadata_files, cfg.train_shards, image_size=cfg.image_size,
-                      step=cfg.bucket_step, min_side=cfg.min_side, max_side=cfg.max_side,
-                      min_image_size=cfg.min_image_size, random_crop=cfg.random_crop, flip_aug=cfg.flip_aug,
-                      caption_config=caption_cfg, seed=cfg.seed)
+    ds = open_data(cfg)
     if not isinstance(ds, BucketDataset):
         raise ConfigError("pixel training needs a folder or metadata source (tar shards are not supported)")
     sampler = BucketBatchSampler(ds.bucket_ids, cfg.batch_size, seed=cfg.seed)
