@@ -227,6 +227,22 @@ def test_ema_against_hand_computation():
     assert torch.equal(p.detach(), torch.tensor([-1.0, -1.0]))
 
 
+def test_cached_latents_and_text_train_like_uncached(data, tmp_path):
+    common = ["--max_steps", 3, "--batch_size", 2, "--learning_rate", 0.05, "--optimizer", "sgd"]
+    assert train(base_args(data, tmp_path / "plain", *common)) == 0
+    cached = [*common, "--cache_latents", "--cache_text_embeddings", "--cache_dir", tmp_path / "cache"]
+    assert train(base_args(data, tmp_path / "cached", *cached)) == 0
+    # Entries are keyed by file contents: images 0 and 4 (1 and 5, ...) are the same drawing, cached once.
+    assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 4
+    assert len(list((tmp_path / "cache" / "text").rglob("*.safetensors"))) == 4  # four distinct captions
+    a, b = unet_file(tmp_path / "plain"), unet_file(tmp_path / "cached")
+    for k in a:  # the same latents (posterior mean of the same crop) and embeddings, read back from disk
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+              for r in ("plain", "cached")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 def test_validation_samples_match_generate(data, tmp_path):
     from sampling import generate
     args = ["--max_steps", 2, "--batch_size", 2, "--sample_every", 2, "--sample_prompts", "a red circle",

@@ -220,9 +220,6 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
                           "lower it for small --image_size")
     if not cfg.demo and cfg.image_size % cfg.bucket_step:
         raise ConfigError(f"--image_size {cfg.image_size} must be a multiple of --bucket_step {cfg.bucket_step}")
-    if cfg.cache_text_embeddings and (cfg.shuffle_tags or cfg.tag_dropout or cfg.caption_dropout):
-        raise ConfigError("--cache_text_embeddings cannot be used with caption shuffling or dropout "
-                          "(the caption differs every step)")
     if cfg.cache_text_embeddings and (cfg.train_text_encoder or cfg.lora_text_encoder):
         raise ConfigError("--cache_text_embeddings cannot be used while the text encoders train")
     if cfg.cache_latents and cfg.random_crop:

@@ -288,10 +288,14 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
     from training.data import BucketDataset, DataStats, collate
     stats = DataStats()
     cache_dir = Path(cfg.cache_dir or out / "cache")
-    latent_cache = cache_mod.LatentCache(cache_dir / "latents", fingerprint(model.vae), cfg.flip_aug) \
+    latent_cache = cache_mod.LatentCache(cache_dir, fingerprint(model.vae), cfg.flip_aug) \
         if cfg.cache_latents else None
-    text_cache = cache_mod.TextCache(cache_dir / "text", fingerprint(model.text)) \
-        if cfg.cache_text_embeddings else None
+    random_captions = cfg.shuffle_tags or cfg.tag_dropout > 0 or cfg.caption_dropout > 0
+    if cfg.cache_text_embeddings and random_captions and d.is_main:
+        print("--cache_text_embeddings: captions change every step (shuffling / dropout), so only their token ids "
+              "are cached (per word, by the tokenizer); the text encoders stay loaded")
+    text_cache = cache_mod.TextCache(cache_dir, fingerprint(model.text)) \
+        if cfg.cache_text_embeddings and not random_captions else None
     ds = open_data(cfg, stats=stats, latent_cache=latent_cache, text_cache=text_cache)
     if not isinstance(ds, BucketDataset):
         raise ConfigError("tar shards stream without a fixed epoch: this trainer needs a folder or metadata "
