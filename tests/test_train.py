@@ -282,6 +282,11 @@ def test_bad_data_and_existing_run_exit_2(data, tmp_path, capsys):
     (tmp_path / "o2" / "checkpoints" / "step_000001").mkdir(parents=True)
     assert train(base_args(data, tmp_path / "o2", "--max_steps", 1)) == 2
     assert "holds another run's checkpoints" in capsys.readouterr().err
+    (tmp_path / "o3").mkdir()
+    (tmp_path / "o3" / "lora_final.safetensors").write_bytes(b"x")
+    assert train(base_args(data, tmp_path / "o3", "--max_steps", 1)) == 2
+    assert "lora_final.safetensors" in capsys.readouterr().err
+    assert (tmp_path / "o3" / "lora_final.safetensors").read_bytes() == b"x"
     assert train(["--pretrained_model", "tiny"]) == 2
     assert "no training data" in capsys.readouterr().err
 

@@ -222,8 +222,11 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
     # -- setup
     d = distributed.init()
     out = Path(cfg.output_dir)
-    if cfg.resume is None and d.is_main and (out / "checkpoints").is_dir() and checkpoint.list_checkpoints(out):
-        raise ConfigError(f"{out}: holds another run's checkpoints; pass --resume latest or another --output_dir")
+    previous = checkpoint.list_checkpoints(out) + [p for p in (out / "final", out / "lora_final.safetensors")
+                                                    if p.exists()]
+    if cfg.resume is None and previous:  # never overwrite another run's results
+        raise ConfigError(f"{out}: holds another run's checkpoints or final weights ({previous[0].name}); "
+                          "pass --resume latest or another --output_dir")
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
