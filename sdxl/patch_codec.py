@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import CLIP_BIGG, CLIP_L, TINY, TextEncoderConfig, UNetConfig
 from .text_encoders import CLIPTokenizer, DualCLIP
-from .unet import DownBlock, MidBlock, ResnetBlock2D, TimestepEmbedding, UpBlock, timestep_embedding
+from .unet import DownBlock, MidBlock, ResnetBlock2D, TimestepEmbedding, UpBlock, conditioning, run_levels
 from .weights import CheckpointError, find_weights, load_into, read_json, read_weights, save_json, save_safetensors
 
 PIXEL_PIPELINE = "SDXLPixelPipeline"  # model_index.json _class_name of a pixel folder
@@ -236,28 +236,14 @@ class PixelUNet(nn.Module):
 
     def embed(self, timesteps, pooled: torch.Tensor, time_ids: torch.Tensor, B: int, device) -> torch.Tensor:
         """SiLU(time embedding + text_time embedding), as the latent UNet computes it."""
-        ucfg, dtype = self.config.unet, self.dtype
-        t = torch.as_tensor(timesteps, device=device)
-        t = t.expand(B) if t.ndim == 0 else t.reshape(B)
-        ids = timestep_embedding(time_ids.reshape(-1), ucfg.addition_time_embed_dim, ucfg.flip_sin_to_cos,
-                                 ucfg.freq_shift).reshape(B, -1)  # (B * n_ids, E) -> (B, n_ids * E)
-        emb = self.time_embedding(timestep_embedding(t, ucfg.block_out_channels[0], ucfg.flip_sin_to_cos,
-                                                     ucfg.freq_shift).to(dtype))
-        emb = emb + self.add_embedding(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1))
-        return F.silu(emb)
+        return conditioning(self.time_embedding, self.add_embedding, self.config.unet, timesteps, pooled, time_ids,
+                            B, device, self.dtype)
 
     def body(self, h: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The UNet body from the entry tensor (B, C[k-1], h, w) to the up path's level-k output (B, C[k], h, w)."""
-        skips = [h]  # the entry tensor is also the skip the level-k up block takes from its input side
-        for block in self.down_blocks[self.config.entry_level:]:
-            h, block_skips = block(h, temb_act, context)
-            skips += block_skips
-        h = self.mid_block(h, temb_act, context)
-        for block in self.up_blocks:
-            block_skips = skips[-len(block.resnets):]
-            del skips[-len(block.resnets):]
-            h = block(h, block_skips, temb_act, context, skips[-1].shape[-2:] if skips else None)
-        return h
+        """The UNet body from the entry tensor (B, C[k-1], h, w) to the up path's level-k output (B, C[k], h, w).
+        The entry tensor is also the skip the level-k up block takes from its input side."""
+        return run_levels(self.down_blocks[self.config.entry_level:], self.mid_block, self.up_blocks, h, temb_act,
+                          context)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:

@@ -259,6 +259,37 @@ class MidBlock(nn.Module):
         return _run(self.resnets[1], self.gradient_checkpointing, x, temb_act)
 
 
+def conditioning(time_embedding: TimestepEmbedding, add_embedding: TimestepEmbedding, cfg: UNetConfig,
+                 timesteps: torch.Tensor | float, pooled: torch.Tensor, time_ids: torch.Tensor, B: int, device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """SiLU(time embedding + "text_time" embedding): what every resnet's time projection takes."""
+    t = torch.as_tensor(timesteps, device=device)
+    t = t.expand(B) if t.ndim == 0 else t.reshape(B)
+    # Micro-conditioning: each value through its own sinusoidal embedding, then concatenated with pooled text.
+    ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                             cfg.freq_shift).reshape(B, -1)  # (B * n_ids, E) -> (B, n_ids * E)
+    emb = time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
+                                            cfg.freq_shift).to(dtype))
+    emb = emb + add_embedding(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1))
+    return F.silu(emb)  # every resnet applies SiLU before its time projection; do it once
+
+
+def run_levels(down_blocks, mid_block: MidBlock, up_blocks, h: torch.Tensor, temb_act: torch.Tensor,
+               context: torch.Tensor) -> torch.Tensor:
+    """Down blocks (collecting skips, h itself first), the mid block, then up blocks eating the skips."""
+    skips = [h]
+    for block in down_blocks:
+        h, block_skips = block(h, temb_act, context)
+        skips += block_skips
+    h = mid_block(h, temb_act, context)
+    for block in up_blocks:
+        block_skips = skips[-len(block.resnets):]
+        del skips[-len(block.resnets):]
+        # Upsample to the next skip's size so odd latent sizes (e.g. 1000 px / 8 at a lower level) line up.
+        h = block(h, block_skips, temb_act, context, skips[-1].shape[-2:] if skips else None)
+    return h
+
+
 class UNet(nn.Module):
     """The SDXL UNet: forward(x, timesteps, context, pooled, time_ids) -> prediction shaped like x."""
 
@@ -298,30 +329,11 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) latents; timesteps scalar or (B,); context (B, L, D); pooled (B, P); time_ids (B, 6|5)."""
-        cfg, B = self.config, x.shape[0]
         dtype = self.dtype
-        t = torch.as_tensor(timesteps, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t.reshape(B)
-        # Micro-conditioning: each value through its own sinusoidal embedding, then concatenated with pooled text.
-        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
-                                 cfg.freq_shift).reshape(B, -1)  # (B * n_ids, E) -> (B, n_ids * E)
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                                     cfg.freq_shift).to(dtype))
-        emb = emb + self.add_embedding(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1))
-        temb_act = F.silu(emb)  # every resnet applies SiLU before its time projection; do it once
-        context = context.to(dtype)
-
+        temb_act = conditioning(self.time_embedding, self.add_embedding, self.config, timesteps, pooled, time_ids,
+                                x.shape[0], x.device, dtype)
         h = self.conv_in(x.to(dtype))
-        skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, temb_act, context)
-            skips += block_skips
-        h = self.mid_block(h, temb_act, context)
-        for block in self.up_blocks:
-            block_skips = skips[-len(block.resnets):]
-            del skips[-len(block.resnets):]
-            # Upsample to the next skip's size so odd latent sizes (e.g. 1000 px / 8 at a lower level) line up.
-            h = block(h, block_skips, temb_act, context, skips[-1].shape[-2:] if skips else None)
+        h = run_levels(self.down_blocks, self.mid_block, self.up_blocks, h, temb_act, context.to(dtype))
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
