@@ -326,3 +326,17 @@ def test_demo_learns_colours(tmp_path, capsys):
     assert (tmp_path / "samples.png").is_file() and is_pixel_folder(tmp_path / "final")
     model = load_pixel_model(tmp_path / "final")
     assert model.config == DEMO and "pixel-demo" in PIXEL_PRESETS
+
+
+def test_nonfinite_steps_stop_pixel_training(tmp_path, monkeypatch, capsys):
+    """The pixel trainer follows the latent one: ten non-finite steps in a row save and exit 1."""
+    import train_sdxl
+    from training import pixel
+    real = pixel.pixel_loss
+    monkeypatch.setattr(pixel, "pixel_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    out = tmp_path / "run"
+    code = train_sdxl.main(["--demo", "--output_dir", str(out), "--max_steps", "30", "--batch_size", "2",
+                            "--num_workers", "0"])
+    assert code == 1
+    assert "10 non-finite steps in a row" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step_000010").is_dir() and not (out / "final").exists()

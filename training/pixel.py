@@ -39,7 +39,7 @@ from sdxl.weights import CheckpointError
 from training import checkpoint
 from training.config import ConfigError, TrainConfig
 from training.logging import Logger
-from training.loop import DTYPES, build_optimizer, lr_lambda, open_data, sample_seed
+from training.loop import DTYPES, MAX_NONFINITE, build_optimizer, lr_lambda, open_data, sample_seed
 from training.post_hoc_ema import PowerEMA
 
 POSTHOC_STDS = (0.05, 0.10)  # the snapshot profiles (EDM2 keeps two)
@@ -344,7 +344,7 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
                                           "ema_updates": ema.num_updates if ema else 0})
 
     # -- loop
-    t_last, images, exit_code = time.perf_counter(), 0, 0
+    t_last, images, exit_code, nonfinite = time.perf_counter(), 0, 0, 0
     while step < total_steps:
         loss_sum = 0.0
         for micro in range(cfg.gradient_accumulation_steps):
@@ -363,8 +363,10 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
         norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
         if math.isfinite(loss_sum) and torch.isfinite(norm):
             optimizer.step()
+            nonfinite = 0
         else:
-            logger.write(f"step {step}: non-finite loss or gradient, step skipped")
+            nonfinite += 1
+            logger.write(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
@@ -380,6 +382,11 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
             t_last, images = now, 0
         if step % snapshot_every == 0 or step == total_steps:
             power.save_snapshots(out / "ema_snapshots", step)
+        if nonfinite >= MAX_NONFINITE:
+            logger.write(f"{MAX_NONFINITE} non-finite steps in a row: saving and stopping")
+            save(step)
+            exit_code = 1
+            break
         if stop["signal"]:
             logger.write(f"stop requested: saving step {step} and exiting")
             save(step)
@@ -391,7 +398,7 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
         signal.signal(s, h)
     logger.close()
     if exit_code:
-        return 0
+        return max(exit_code, 0)
     unet.eval()
     model.save_pretrained(out / "final")
     if ema is not None:
