@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from conftest import ROOT, torchrun, train_args
+from PIL import Image
 from safetensors.torch import load_file
 
 import sdxl
@@ -23,26 +23,14 @@ from training import loop
 from training.config import TrainConfig
 from training.ema import EMA
 
-ROOT = Path(__file__).resolve().parents[1]
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    for i in range(8):
-        name = list(COLOURS)[i % 4]
-        w, h = (64, 64) if i % 2 else (80, 48)
-        im = Image.new("RGB", (w, h), "white")
-        ImageDraw.Draw(im).ellipse([10, 8, w - 10, h - 8], fill=COLOURS[name])
-        im.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a {name} circle, white background")
-    return folder
+@pytest.fixture
+def data(train_data):
+    return train_data
 
 
 def base_args(data, out, *extra):
-    return ["--pretrained_model", "tiny", "--data_dir", str(data), "--output_dir", str(out), "--image_size", "64",
-            "--bucket_step", "16", "--num_workers", "0", "--precision", "fp32", *map(str, extra)]
+    return train_args(data, out, *extra)
 
 
 def train(args) -> int:
@@ -102,45 +90,107 @@ def test_resume_is_bit_identical(data, tmp_path):
     assert [json.loads(x)["loss"] for x in a_metrics] == [json.loads(x)["loss"] for x in b_metrics]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), str(ROOT / "train_sdxl.py"), *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
-
-
 def unet_file(run: Path) -> dict:
     return load_file(str(run / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_ddp_and_fsdp_two_processes_equal_one(data, tmp_path):
+def probe(args, out: Path) -> list[dict]:
+    """torchrun train_sdxl.py through tests/dist_probe.py: what `distributed.wrap` made on each rank."""
+    torchrun(args, script=ROOT / "tests" / "dist_probe.py")
+    return [json.loads((out / f"wrap_rank{r}.json").read_text()) for r in range(2)]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a run wrote at the end: lora_final.safetensors, or final/ (UNet and both text encoders)."""
+    if (run / "lora_final.safetensors").exists():
+        return load_file(str(run / "lora_final.safetensors"))
+    return {f"{f.parent.name}/{k}": v for f in sorted((run / "final").glob("*/*.safetensors"))
+            for k, v in load_file(str(f)).items()}
+
+
+def initial_weights(data, out: Path, flags: list) -> dict[str, torch.Tensor]:
+    """What a run with `flags` starts from (LoRA down weights are random): the same run at learning rate 0."""
+    zero = ["--learning_rate", 0, "--lr_text_encoder1", 0, "--lr_text_encoder2", 0, "--max_steps", 1]
+    assert train(base_args(data, out, "--batch_size", 2, *flags, *zero)) == 0
+    return final_weights(out)
+
+
+def assert_same_updates(run: Path, single: Path, init: dict[str, torch.Tensor], trained: tuple[str, ...]) -> None:
+    """The updates w - w0 of `run` equal those of `single`, tensor by tensor, up to float rounding.
+
+    A rank averages 1-image gradients where the single process averages a 2-image batch, and each weight is
+    rounded to fp32 after every step, so updates differ by rounding only: measured at most 6.3e-5 of a tensor's
+    largest update (SGD, fp32, 3 steps; 1-2 ulp of weights ~0.3 against updates ~3e-4). 1e-3 keeps a 15x margin
+    and still fails for a rank that skips its gradient all-reduce (~50% off), drops an accumulation micro-batch
+    (~25%) or draws another sample's noise (~100%). The 1e-9 floor is for tensors whose true gradient is zero, whose
+    update is rounding noise (attention key biases: ~1e-12). Each prefix in `trained` must have moved."""
+    got, want = final_weights(run), final_weights(single)
+    assert got.keys() == want.keys() == init.keys()
+    moved = set()
+    for k in want:
+        d_want, d_got = want[k].double() - init[k].double(), got[k].double() - init[k].double()
+        scale = d_want.abs().max().item()
+        err = (d_got - d_want).abs().max().item()
+        assert err <= 1e-3 * scale + 1e-9, (run.name, k, err, scale)
+        if scale > 1e-6:
+            moved.add(k)
+    for prefix in trained:
+        assert any(k.startswith(prefix) for k in moved), f"nothing under {prefix} trained"
+
+
+DIST_COMMON = ["--max_steps", 3, "--learning_rate", 0.05, "--seed", 5, "--optimizer", "sgd",
+               "--gradient_accumulation_steps", 2]
+
+
+def test_ddp_with_accumulation_and_text_encoders_equals_one_process(data, tmp_path):
     # SGD: Adam's m / sqrt(v) turns float-rounding noise in near-zero gradients into full-size updates.
-    common = ["--max_steps", 3, "--learning_rate", 0.05, "--seed", 5, "--optimizer", "sgd"]
-    assert train(base_args(data, tmp_path / "single", "--batch_size", 2, *common)) == 0
-    torchrun(base_args(data, tmp_path / "ddp", "--batch_size", 1, *common))
-    torchrun(base_args(data, tmp_path / "fsdp", "--batch_size", 1, "--fsdp", "--save_interval_steps", 2, *common))
-    single, init = unet_file(tmp_path / "single"), sdxl.load_model("tiny", seed=5).unet.state_dict()
-    assert max((single[k] - init[k]).abs().max().item() for k in single) > 1e-4  # training moved the weights
-    for name in ("ddp", "fsdp"):  # ...and each distributed run moved them the same way (summation order aside)
-        other = unet_file(tmp_path / name)
-        for k in single:
-            assert torch.allclose(other[k], single[k], atol=2e-6, rtol=1e-5), (name, k)
-        # Only rank 0 wrote: one metrics line per step.
-        assert len((tmp_path / name / "metrics.jsonl").read_text().splitlines()) == 3
+    # Same global batch: 2 images x 2 micro-batches in one process, 1 image x 2 ranks x 2 micro-batches under DDP
+    # (the first micro-batch runs under no_sync). Both text encoders train too, at their own learning rates.
+    flags = [*DIST_COMMON, "--train_text_encoder", "--lr_text_encoder1", 0.02, "--lr_text_encoder2", 0.03]
+    assert train(base_args(data, tmp_path / "single", "--batch_size", 2, *flags)) == 0
+    ranks = probe(base_args(data, tmp_path / "ddp", "--batch_size", 1, *flags), tmp_path / "ddp")
+    for r in ranks:  # plain DDP: whole parameters on every rank, the text encoders' among them
+        assert r["wrapper"] == "DistributedDataParallel"
+        assert all(p["placements"] is None for p in r["params"].values())
+        assert any(n.startswith("text.text_encoder_2.") for n in r["params"])
+    init = initial_weights(data, tmp_path / "init", flags)
+    assert_same_updates(tmp_path / "ddp", tmp_path / "single", init, ("unet/", "text_encoder/", "text_encoder_2/"))
+    # Only rank 0 wrote: one metrics line per step.
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_ddp_lora_with_text_encoders_equals_one_process(data, tmp_path):
+    flags = [*DIST_COMMON, "--use_lora", "--lora_target_mode", "all", "--lora_text_encoder"]
+    assert train(base_args(data, tmp_path / "single", "--batch_size", 2, *flags)) == 0
+    torchrun(base_args(data, tmp_path / "ddp", "--batch_size", 1, *flags))
+    init = initial_weights(data, tmp_path / "init", flags)
+    assert_same_updates(tmp_path / "ddp", tmp_path / "single", init, ("lora_unet_", "lora_te1_", "lora_te2_"))
+
+
+def test_fsdp_shards_and_equals_one_process_and_resumes(data, tmp_path):
+    assert train(base_args(data, tmp_path / "single", "--batch_size", 2, *DIST_COMMON)) == 0
+    flags = ["--batch_size", 1, "--fsdp", *DIST_COMMON]
+    ranks = probe(base_args(data, tmp_path / "fsdp", *flags, "--save_interval_steps", 2), tmp_path / "fsdp")
+    sizes = {f"unet.{n}": p.numel() for n, p in sdxl.load_model("tiny").unet.named_parameters()}
+    assert ranks[0]["params"].keys() == sizes.keys()
+    for r in ranks:  # every UNet parameter is a DTensor sharded on dim 0 across the two ranks
+        assert r["wrapper"] == "FSDPTrainee"  # fully_shard swaps the class in place: no wrapper module
+        assert all(p["placements"] == ["Shard(0)"] for p in r["params"].values())
+        assert all(p["global"] == sizes[n] for n, p in r["params"].items())
+    for n, size in sizes.items():  # ...and the two local shards hold it between them, once
+        assert sum(r["params"][n]["local"] for r in ranks) == size, n
+    assert sum(r["params"][n]["local"] for n in sizes for r in ranks[1:]) < 0.55 * sum(sizes.values())
+    init = {k: v for k, v in initial_weights(data, tmp_path / "init", DIST_COMMON).items()}
+    assert_same_updates(tmp_path / "fsdp", tmp_path / "single", init, ("unet/",))
     # FSDP checkpoints hold whole tensors, and resuming from one (sharded again) ends bit-identically.
+    ck = load_file(str(tmp_path / "fsdp" / "checkpoints" / "step_000002" / "trainable.safetensors"))
+    assert {k: v.numel() for k, v in ck.items()} == sizes
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_000002",
                     tmp_path / "resumed" / "checkpoints" / "step_000002")
-    torchrun(base_args(data, tmp_path / "resumed", "--batch_size", 1, "--fsdp", "--resume", "latest", *common))
-    a, b = unet_file(tmp_path / "fsdp"), unet_file(tmp_path / "resumed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    torchrun(base_args(data, tmp_path / "resumed", *flags, "--resume", "latest"))
+    a, b = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_trained_lora_loads_in_reference_pipeline(data, tmp_path):
@@ -164,9 +214,17 @@ def test_trained_lora_loads_in_reference_pipeline(data, tmp_path):
         base = sdxl.load_model(str(folder)).unet(x, 500, ctx, pooled, ids)
         assert (got - base).abs().max() > 1e-4  # the LoRA does something
         assert (ref - got).abs().max() <= 1e-4
-        tokens = pipe.tokenizer_2(["a red circle"], padding="max_length", max_length=77, return_tensors="pt")
-        ref_pooled = pipe.text_encoder_2(tokens.input_ids).text_embeds
-        assert (ref_pooled - ours.text.encode(["a red circle"])[1]).abs().max() <= 1e-4
+        # Both text encoders' LoRA: the reference pipeline's prompt embeddings (CLIP-L and bigG penultimate states,
+        # bigG pooled) with the file loaded equal ours, and differ from the base model's in each part.
+        ref_ctx, _, ref_pooled, _ = pipe.encode_prompt(["a red circle"], device="cpu", do_classifier_free_guidance=False)
+        got_ctx, got_pooled = ours.text.encode(["a red circle"])
+        base_ctx, base_pooled = sdxl.load_model(str(folder)).text.encode(["a red circle"])
+        width_l = pipe.text_encoder.config.hidden_size
+        for part in (slice(0, width_l), slice(width_l, None)):  # CLIP-L's columns, then bigG's
+            assert (got_ctx[..., part] - ref_ctx[..., part]).abs().max() <= 1e-4
+            assert (got_ctx[..., part] - base_ctx[..., part]).abs().max() > 1e-3, part
+        assert (got_pooled - ref_pooled).abs().max() <= 1e-4
+        assert (got_pooled - base_pooled).abs().max() > 1e-3
 
 
 class FakeTrainee(torch.nn.Module):
@@ -297,11 +355,18 @@ def test_sigterm_saves_and_exits_zero(data, tmp_path):
                              *base_args(data, tmp_path, "--max_steps", 10000, "--batch_size", 2)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    try:  # signal only once two steps are logged, so the stop lands mid-training, not during setup
+        deadline = time.time() + 240
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.time() < deadline, "training logged no step in 240 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:  # never leave a 10,000-step run behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, err[-2000:]
     steps = len(metrics.read_text().splitlines())
     saved = [p.name for p in (tmp_path / "checkpoints").iterdir()]

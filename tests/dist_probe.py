@@ -1,0 +1,48 @@
+"""train_sdxl.py with a spy on the model wrapping: each rank writes what `distributed.wrap` returned into
+<output_dir>/wrap_rank<R>.json (wrapper class, which parameters are DTensors, their placements and local sizes).
+
+Run under torchrun by tests/test_train.py; it is not a test module itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_sdxl  # noqa: E402
+from training import distributed  # noqa: E402
+
+_wrap = distributed.wrap
+
+
+def spy(module, d, fsdp=False, unet=None):
+    wrapped = _wrap(module, d, fsdp, unet)
+    from torch.distributed.tensor import DTensor
+    params = {}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if isinstance(p, DTensor):
+            params[name] = {"placements": [f"{type(x).__name__}({getattr(x, 'dim', '')})" for x in p.placements], "local": p.to_local().numel(),
+                            "global": p.numel()}
+        else:
+            params[name] = {"placements": None, "local": p.numel(), "global": p.numel()}
+    out = Path(train_sdxl_args_output_dir())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"wrap_rank{d.rank}.json").write_text(json.dumps({"wrapper": type(wrapped).__name__,
+                                                              "params": params}))
+    return wrapped
+
+
+def train_sdxl_args_output_dir() -> str:
+    argv = sys.argv[1:]
+    return argv[argv.index("--output_dir") + 1]
+
+
+if __name__ == "__main__":
+    distributed.wrap = spy
+    assert os.environ.get("WORLD_SIZE"), "run me under torchrun"
+    sys.exit(train_sdxl.main(sys.argv[1:]))
