@@ -132,16 +132,44 @@ def test_gradients_match_reference():
 
 
 def test_channels_last_and_bf16():
-    _, ours = make_pair(BASE_LIKE)
-    args = inputs(BASE_LIKE, B=2)
+    """Oracles: the contiguous fp32 run for channels_last; diffusers' UNet in bf16 (same weights, same inputs,
+    same memory format) for our bf16 maths; our fp32 output for the size of bf16's rounding error."""
+    ref, ours = make_pair(BASE_LIKE)
+    x, t, ctx, pooled, ids = inputs(BASE_LIKE, B=2)
+    x_cl = x.to(memory_format=torch.channels_last)
+    assert not x.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        a = ours(*args)
-        ours_cl = ours.to(memory_format=torch.channels_last)
-        b = ours_cl(args[0].to(memory_format=torch.channels_last), *args[1:])
-        assert rel_err(a, b) <= 1e-5
-        c = ours.to(torch.bfloat16)(*args)
-    assert c.dtype == torch.bfloat16 and torch.isfinite(c).all()
-    assert rel_err(a, c.float()) < 0.05  # bf16 keeps ~3 significant digits through the network
+        a = ours(x, t, ctx, pooled, ids)
+        assert a.is_contiguous()
+        b = ours.to(memory_format=torch.channels_last)(x_cl, t, ctx, pooled, ids)
+        assert b.is_contiguous(memory_format=torch.channels_last)  # no hidden .contiguous() copy on the way out
+        assert rel_err(a, b) <= 1e-5  # same fp32 maths, other conv kernels: measured 1.4e-6..1.9e-6 (4 seeds)
+
+        ref16, ours16 = ref.to(torch.bfloat16), ours.to(torch.bfloat16, memory_format=torch.contiguous_format)
+        # A layer that silently computes or returns fp32 shows up here (its output would not be bf16).
+        not_bf16 = []
+
+        def check(name, out):
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.dtype != torch.bfloat16:
+                    not_bf16.append(name)
+        hooks = [m.register_forward_hook(lambda m, i, o, n=n: check(n, o)) for n, m in ours16.named_modules() if n]
+        c = ours16(x, t, ctx, pooled, ids)
+        for h in hooks:
+            h.remove()
+        assert not not_bf16, f"modules whose output is not bf16: {not_bf16[:5]}"
+        rc = ref_forward(ref16, x.bfloat16(), t, ctx.bfloat16(), pooled.bfloat16(), ids.bfloat16())
+        d = ours16.to(memory_format=torch.channels_last)(x_cl, t, ctx, pooled, ids)
+    assert c.dtype == d.dtype == torch.bfloat16
+    assert d.is_contiguous(memory_format=torch.channels_last)
+    # Ours and diffusers run the same bf16 operations: measured bit-identical (0.0, 4 seeds). Allow one bf16 ulp
+    # of the output's largest value (2^-8) for a reordered sum; a layer computing in another precision, or
+    # wrongly, moves the output by ~1e-2 (the bf16 rounding error below), far beyond it.
+    assert rel_err(rc, c) <= 2**-8
+    # bf16 rounding alone: measured 1.4%..2.1% max error against fp32 over 6 seeds, contiguous or channels_last;
+    # 2x margin. (In bf16, channels_last is not compared with diffusers bit for bit: diffusers makes each
+    # transformer's output contiguous, and GroupNorm rounds differently per layout, 1.1%..1.8% measured.)
+    assert rel_err(a, c) <= 0.04 and rel_err(a, d) <= 0.04 and rel_err(c, d) <= 0.04
 
 
 def save_reference(tmp_path, cfg, **kw):
