@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
                        HeunDiscreteScheduler)
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+
+from conftest import rel_err
 
 from sdxl.diffusion import get_alphas_cumprod
 from sdxl.samplers import (SAMPLERS, cfg_denoiser, flow_sigmas, get_sigmas, karras_sigmas, make_denoiser,
@@ -287,6 +290,99 @@ def test_dpmpp_2m_sde_fed_noise():
     fn, _ = resolve_sampler("dpmpp_2m_sde")
     assert fn is sample_dpmpp_2m_sde
     assert_match(run_ours("dpmpp_2m_sde", steps, noise, toy_model, noise_sampler=lambda s, sn: next(it)), ref)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Karras variants diffusers has no option for (ddim_karras, euler_ancestral_karras): oracle = formulas by hand
+
+
+def hand_karras_schedule(n: int) -> tuple[torch.Tensor, float]:
+    """float64 (n,) Karras sigmas (rho = 7) between the ends of SDXL's "leading" schedule (t_i = (n-1-i) (1000 // n)
+    + 1, sigma_t = sqrt((1 - abar_t) / abar_t)), as diffusers' Euler use_karras_sigmas takes them; and sigma at t=0."""
+    abar = ABAR.double()
+    train = ((1 - abar) / abar) ** 0.5
+    t = [(n - 1 - i) * (1000 // n) + 1 for i in range(n)]
+    smax, smin = train[t[0]].item(), train[t[-1]].item()
+    ramp = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    return (smax ** (1 / 7) + ramp * (smin ** (1 / 7) - smax ** (1 / 7))) ** 7, train[0].item()
+
+
+@pytest.mark.parametrize("name", ["ddim_karras", "euler_ancestral_karras"])
+def test_karras_schedule_of_ddim_and_euler_ancestral_by_hand(name):
+    """schedule_for(<name>_karras): Karras sigmas between the spaced schedule's ends, fractional timesteps that map
+    back to those sigmas on the training schedule, DDIM ending at the training sigma_min and returning the VP sample."""
+    log_train = (((1 - ABAR.double()) / ABAR.double()) ** 0.5).log()
+    for n in [3, 4, 10, 30]:
+        expected, sigma_min = hand_karras_schedule(n)
+        sched = schedule_for(name, n, ABAR)
+        # float32 sigmas vs float64 by hand: measured <= 1e-7 relative.
+        assert torch.allclose(sched.sigmas[:-1].double(), expected, rtol=1e-6, atol=0), (name, n)
+        plain = schedule_for(name.removesuffix("_karras"), n, ABAR)
+        assert not torch.allclose(sched.sigmas[1:-2], plain.sigmas[1:-2], rtol=1e-2)  # Karras is not the default
+        # t is where the log-linear interpolation of the training sigmas gives sigma back (sigma_to_t's float32
+        # logs: measured <= 2e-7 relative in sigma).
+        log_sigma_at_t = torch.from_numpy(np.interp(sched.timesteps.double().numpy(), np.arange(1000),
+                                                    log_train.numpy()))
+        assert torch.allclose(log_sigma_at_t.exp(), expected, rtol=1e-5, atol=0), (name, n)
+        assert sched.init_noise_sigma == pytest.approx((expected[0].item() ** 2 + 1) ** 0.5, rel=1e-6)  # leading
+        if name == "ddim_karras":
+            assert sched.sigmas[-1].item() == pytest.approx(sigma_min, rel=1e-6)
+            assert sched.final_scale == pytest.approx(1 / (sigma_min**2 + 1) ** 0.5, rel=1e-6)
+        else:
+            assert sched.sigmas[-1] == 0 and sched.final_scale == 1.0
+
+
+def linear_denoiser(x: torch.Tensor, sigma) -> torch.Tensor:
+    """An analytic stand-in for a trained denoiser: the x0 estimate 0.9 x / (1 + sigma^2) + 0.05."""
+    return 0.9 * x / (1 + sigma**2) + 0.05
+
+
+@pytest.mark.parametrize("name,eta", [("euler_ancestral_karras", 1.0), ("euler_ancestral_karras", 0.5),
+                                      ("ddim_karras", 0.0), ("ddim_karras", 0.6)])
+def test_karras_ancestral_and_ddim_trajectory_by_hand(name, eta):
+    """Ours over schedule_for(name) vs the published update written out here in float64 over hand Karras sigmas,
+    with fixed per-step noise z_i. Euler ancestral: k-diffusion's sample_euler_ancestral. DDIM: Song et al. 2020,
+    eq. 12, in its own VP form (abar = 1 / (1 + sigma^2), x_vp = x / sqrt(1 + sigma^2)), not the sigma-space
+    ancestral step the implementation uses."""
+    n = 4
+    hand, sigma_min = hand_karras_schedule(n)
+    sig = torch.cat([hand, hand.new_tensor([sigma_min if name == "ddim_karras" else 0.0])])
+    z = [noise_like(300 + i).double() for i in range(n)]
+    unit = noise_like(30)
+
+    sched = schedule_for(name, n, ABAR)
+    fn, karras = resolve_sampler(name)
+    assert karras
+    step_of = {float(s): i for i, s in enumerate(sched.sigmas[:-1])}  # z_i by step, however often it is drawn
+    ours = fn(linear_denoiser, unit * sched.init_noise_sigma, sched.sigmas, eta=eta,
+              noise_sampler=lambda s, s_next: z[step_of[float(s)]].float()) * sched.final_scale
+
+    if name == "euler_ancestral_karras":
+        x = unit.double() * (sig[0] ** 2 + 1) ** 0.5
+        for i in range(n):
+            s, s_next = sig[i], sig[i + 1]
+            sigma_up = min(s_next, eta * (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5)
+            sigma_down = (s_next**2 - sigma_up**2) ** 0.5
+            d = (x - linear_denoiser(x, s)) / s
+            x = x + d * (sigma_down - s)
+            if s_next > 0:
+                x = x + z[i] * sigma_up
+        expected = x
+    else:
+        abar = 1 / (1 + sig**2)
+        x_vp = unit.double()  # DDIM starts from unit-variance noise
+        for i in range(n):
+            a, a_prev = abar[i], abar[i + 1]
+            x0 = linear_denoiser(x_vp / a.sqrt(), sig[i])  # the denoiser sees the sigma-scale sample
+            eps = (x_vp - a.sqrt() * x0) / (1 - a).sqrt()
+            std = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+            x_vp = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps + std * z[i]
+        expected = x_vp
+    # float32 sampler vs float64 by hand: measured <= 3e-7 relative.
+    assert rel_err(expected, ours) <= 1e-5
+    if eta:  # the noise is used: other z give another result
+        assert rel_err(expected, fn(linear_denoiser, unit * sched.init_noise_sigma, sched.sigmas, eta=eta,
+                                    noise_sampler=lambda s, s_next: -z[step_of[float(s)]].float())) > 1e-2
 
 
 def flow_model(x, t):
