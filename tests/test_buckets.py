@@ -1,7 +1,6 @@
 """Aspect buckets, resize + crop, and the bucket batch plan (determinism, resume, DDP split)."""
 from __future__ import annotations
 
-import math
 import random
 from collections import Counter
 
@@ -12,14 +11,26 @@ from PIL import Image
 from training.buckets import (BucketBatchSampler, bucket_table, crop_coords, make_buckets, nearest_bucket,
                               resize_and_crop)
 
-# The SDXL paper's (appendix I) multi-aspect training resolutions around 1024^2, as (height, width).
-SDXL_PAPER_BUCKETS = [(1024, 1024), (896, 1152), (1152, 896), (832, 1216), (1216, 832), (768, 1344),
-                      (1344, 768), (640, 1536), (1536, 640), (512, 2048), (2048, 512)]
+# The SDXL paper's (arXiv 2307.01952, appendix I) multi-aspect training resolutions, as (height, width), copied
+# row by row from its table (which lists (704, 1344) without its transpose).
+SDXL_PAPER_BUCKETS = [
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),
+    (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152),
+    (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896),
+    (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1408, 704), (1472, 704), (1536, 640),
+    (1600, 640), (1664, 576), (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512), (2048, 512)]
+# The paper's rows that are not the longest side for their short side: at short side 960 it lists 1088 and 1024,
+# at 896 1152 and 1088, at 832 1216 and 1152, and (704, 1344) next to (704, 1408). The documented rule (kohya /
+# NovelAI: for each side, only the longest other side under the area budget) keeps one bucket per side.
+PAPER_SECOND_CHOICES = {(960, 1024), (1024, 960), (896, 1088), (1088, 896), (832, 1152), (1152, 832), (704, 1344)}
 
 
 def test_buckets_1024_match_the_sdxl_paper_and_rules():
     buckets = make_buckets(1024)  # step 64, sides 512..2048
-    assert set(SDXL_PAPER_BUCKETS) <= set(buckets)
+    # exactly the paper's list less its second choices, in order of aspect w / h (portrait first)
+    want = sorted(set(SDXL_PAPER_BUCKETS) - PAPER_SECOND_CHOICES, key=lambda b: b[1] / b[0])
+    assert len(want) == 33
+    assert buckets == want
     for h, w in buckets:
         assert h % 64 == 0 and w % 64 == 0
         assert 512 <= h <= 2048 and 512 <= w <= 2048
@@ -156,20 +167,30 @@ def test_resume_from_position_yields_the_rest():
         s.set_epoch(5, position=len(full) + 1)
 
 
-def test_ddp_ranks_take_disjoint_slices_of_each_global_batch():
-    ids = [0] * 16 + [1] * 8 + [2] * 12  # each a multiple of 2 ranks * 2
-    ranks = [BucketBatchSampler(ids, 2, seed=0, rank=r, world_size=2) for r in range(2)]
-    for s in ranks:
-        s.set_epoch(3)
-    b0, b1 = list(ranks[0]), list(ranks[1])
-    assert len(b0) == len(b1) == 9
-    for x, y in zip(b0, b1):
-        assert not set(x) & set(y)
-        assert len({ids[i] for i in x + y}) == 1  # the step's global batch is one bucket on both ranks
-    assert sorted(i for b in b0 + b1 for i in b) == list(range(len(ids)))
-    # the global plan is the single-process plan with batch 4: ranks concatenated give it back
-    plan = ranks[0].global_batches(3)
-    assert [x + y for x, y in zip(b0, b1)] == plan
+def test_ddp_ranks_split_the_single_process_plan():
+    """Oracle: one process (world size 1) with batch W * B and the same seed. On W ranks with batch B each, the
+    ranks' batches at every step, concatenated in rank order, must be that process's batch of the step: the
+    same images in the same order, every epoch, and from any resume position (fresh samplers, as after a
+    restart). Includes bucket tails filled by repeats and dropped tails."""
+    ids = _ids()  # buckets of 12, 8, 6 and 3 images
+    for world, batch, drop_last in [(2, 2, False), (3, 2, False), (2, 3, True)]:
+        single = BucketBatchSampler(ids, world * batch, seed=11, drop_last=drop_last)
+        plans = []
+        for epoch in (0, 1, 4):
+            for position in (0, 1, 3):
+                single.set_epoch(epoch, position)
+                want = list(single)
+                ranks = [BucketBatchSampler(ids, batch, seed=11, rank=r, world_size=world, drop_last=drop_last)
+                         for r in range(world)]
+                for s in ranks:
+                    s.set_epoch(epoch, position)
+                got = [list(s) for s in ranks]
+                assert [len(s) for s in ranks] == [len(g) for g in got] == [len(want)] * world
+                assert all(len(b) == batch for g in got for b in g)
+                assert [[i for b in step for i in b] for step in zip(*got)] == want, (world, batch, epoch, position)
+                if position == 0:
+                    plans.append(want)
+        assert plans[0] != plans[1] != plans[2]  # the epoch changes the plan, so the epochs above differ
 
 
 def test_bucket_table_lists_used_buckets():
@@ -177,7 +198,7 @@ def test_bucket_table_lists_used_buckets():
     ids = [buckets.index((1024, 1024))] * 3 + [buckets.index((896, 1152))] * 2
     table = bucket_table(buckets, ids)
     lines = table.splitlines()
-    assert any("1024 x 1024" in ln and ln.split()[-1] == "3" and "1.000" in ln for ln in lines)
-    assert any("896 x 1152" in ln and ln.split()[-1] == "2" and f"{1152 / 896:.3f}" in ln for ln in lines)
+    assert any(ln.split() == ["1024", "x", "1024", "1.000", "3"] for ln in lines)
+    # 1152 / 896 = 9 / 7 = 1.2857...
+    assert any(ln.split() == ["896", "x", "1152", "1.286", "2"] for ln in lines)
     assert "2 buckets used" in lines[-1] and "5 images" in lines[-1]
-    assert math.isclose(1152 / 896, 1.2857, rel_tol=1e-3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import tarfile
 import warnings
@@ -378,18 +379,63 @@ def test_tar_batches_are_single_bucket(tmp_path):
     assert isinstance(open_dataset(tmp_path, **SMALL), TarShardDataset)
 
 
-def test_dataloader_with_workers_and_bucket_sampler(tmp_path):
-    for i in range(10):
-        add(tmp_path, f"{i}.png", noise(96 if i % 2 else 64, 64, seed=i), f"caption {i}")
-    ds = open_dataset(tmp_path, seed=0, flip_aug=True, **SMALL)
-    sampler = BucketBatchSampler(ds.bucket_ids, 1, seed=0, rank=0, world_size=1)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2)
-    seen = []
-    for batch in loader:
-        assert len(set(map(tuple, batch["target_size"].tolist()))) == 1
-        seen += batch["index"].tolist()
-        assert batch["caption"] == [f"caption {os.path.basename(ds.records[i].path)[:-4]}" for i in batch["index"]]
-    assert sorted(seen) == list(range(10))
-    # the same items come out with or without workers (randomness is per (seed, epoch, index))
-    single = [ds[i]["pixels"] for i in seen[:3]]
-    assert all(torch.equal(a, ds[i]["pixels"]) for a, i in zip(single, seen[:3]))
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_dataloader_with_workers_and_bucket_sampler(tmp_path, context):
+    """Two DataLoader workers must yield what the main process yields, batch by batch, every field.
+
+    The loader is driven as training/loop.py drives it: one DataLoader, and for each epoch
+    `sampler.set_epoch(epoch, position)`, `ds.set_epoch(epoch)`, then a fresh iterator. Oracles: the same
+    loader with num_workers=0; the batch indices of a fresh sampler's plan for that (seed, epoch) from
+    `position`; and each batch collated from a fresh dataset's `ds[i]` at that epoch. Random crops, flips,
+    tag shuffling / dropout and caption dropout are on and change with the epoch (checked), so a worker that
+    does not receive the epoch, or reseeds per worker, yields different items. Workers are forked (Linux's
+    default: they inherit the dataset) or started by a fork server (the dataset is pickled, as under spawn on
+    macOS / Windows and the fork server Python 3.14 defaults to); its preload imports torch only once.
+    """
+    for i in range(12):  # 6 wide -> bucket (48, 80), 6 tall -> (80, 48); 21 px of crop slack, no resize
+        add(tmp_path, f"{i:02d}.png", noise(*((101, 48) if i % 2 else (48, 101)), seed=i),
+            f"img {i}, red, green, blue, round, square, best quality, safe")
+    kw = dict(seed=5, random_crop=True, flip_aug=True, caption_config=CaptionConfig(
+        shuffle_tags=True, keep_tokens=1, tag_dropout=0.2, caption_dropout=0.1), **SMALL)
+    ds = open_dataset(tmp_path, **kw)
+    sampler = BucketBatchSampler(ds.bucket_ids, 2, seed=5)
+    mp = multiprocessing.get_context(context)
+    if context == "forkserver":
+        mp.set_forkserver_preload(["training.data"])
+    workers = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2, multiprocessing_context=mp)
+    main = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=0)
+    oracle = open_dataset(tmp_path, **kw)
+    fields = {"pixels", "caption", "original_size", "crop_top_left", "target_size", "index", "time_ids"}
+    items = {}  # epoch -> {index: (crop_top_left, caption, pixels)}
+    for epoch, position in [(0, 0), (1, 0), (2, 3)]:  # epoch 2 resumes at its 4th batch
+        sampler.set_epoch(epoch, position)
+        ds.set_epoch(epoch)
+        got, ref = list(workers), list(main)
+        plan = BucketBatchSampler(ds.bucket_ids, 2, seed=5)
+        plan.set_epoch(epoch, position)
+        want_idx = list(plan)
+        assert len(got) == len(ref) == len(want_idx) == 6 - position
+        oracle.set_epoch(epoch)
+        items[epoch] = {}
+        for k, (g, r, idx) in enumerate(zip(got, ref, want_idx)):
+            want = collate([oracle[i] for i in idx])
+            assert set(g) == set(r) == set(want) == fields
+            assert g["index"].tolist() == r["index"].tolist() == idx, (epoch, k)
+            for name in sorted(fields):
+                for batch, who in ((g, "workers"), (r, "main")):
+                    if isinstance(want[name], torch.Tensor):
+                        assert torch.equal(batch[name], want[name]), (who, epoch, k, name)
+                    else:
+                        assert batch[name] == want[name], (who, epoch, k, name)
+            assert len(set(map(tuple, g["target_size"].tolist()))) == 1
+            for j, i in enumerate(idx):
+                items[epoch][i] = (tuple(g["crop_top_left"][j].tolist()), g["caption"][j], g["pixels"][j])
+        if position == 0:  # 12 images, two buckets of 6, batches of 2: each image exactly once
+            assert sorted(items[epoch]) == list(range(12))
+    # the epoch reaches the items: crops, captions and pixels (crop + flip) of epochs 1 and 2 differ from epoch 0's
+    for epoch in (1, 2):
+        same = [i for i in items[epoch] if i in items[0]]
+        assert any(items[epoch][i][0] != items[0][i][0] for i in same)
+        assert any(items[epoch][i][1] != items[0][i][1] for i in same)
+        assert any(not torch.equal(items[epoch][i][2], items[0][i][2]) for i in same)
+    assert "" in {c for e in items for _, c, _ in items[e].values()}  # caption dropout happened
