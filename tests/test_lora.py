@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig  # test-only: diffusers' load_lora_weights needs peft
+from peft import LoHaConfig, LoraConfig, inject_adapter_in_model  # test-only oracle; diffusers needs it too
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -27,6 +28,7 @@ from sdxl.config import SDXL_BASE
 from sdxl.model import build_model
 
 TOL = 1e-4  # max |ours - reference| on outputs of order 1
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -286,20 +288,59 @@ def test_merge_unmerge_round_trip_and_several_loras(tiny, tmp_path):
 
 
 def test_bf16_base_with_fp32_adapters():
-    torch.manual_seed(0)
-    lin = nn.Linear(16, 8).to(torch.bfloat16)
-    t = lora.Target("unet", "to_q", lin)
-    adapter = lora.LoRA(lin, rank=4, alpha=8)
-    nn.init.normal_(adapter.lora_up.weight)
-    net = lora.LoRANetwork({"lora_unet_to_q": t}, {"lora_unet_to_q": adapter}).attach()
-    x = torch.randn(3, 16)
-    y = lin(x.to(torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and adapter.lora_up.weight.dtype == torch.float32
-    by_hand = F.linear(x.bfloat16(), lin.weight, lin.bias).float() + 2.0 * x @ (
-        adapter.lora_up.weight @ adapter.lora_down.weight).T
-    torch.testing.assert_close(y.float(), by_hand, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+    """A bf16 base layer with fp32 adapters: the branch (down, up, scale) must run in fp32 on the bf16 input.
+
+    Oracle: the branch written out in float64. The values are chosen so that bf16 adapter maths gives a result
+    far off: lora_down = D + 2^-10 E with D = +-1 and |E| <= 1, so casting it to bf16 rounds the 2^-10 E part
+    away (bf16 keeps 8 significant bits), and x lies in the span of u = (1,1,1,1), v = (1,-1,-1,1), which D's
+    rows are orthogonal to. So x @ D^T = 0 exactly, and the whole branch, 2 * up @ (2^-10 E x^T) with up ~ 2^10,
+    is O(1) in fp32 and exactly 0 in bf16. E is in 1/256ths and x in halves, so h = x @ down is exact in fp32
+    (no cancellation error) and has more significant bits than bf16 holds (rounding h alone to bf16 shows too):
+    what is left is fp32 rounding of the up matmul, ~1e-7 relative.
+    """
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(4, 3).to(torch.bfloat16)
+    with torch.no_grad():  # small dyadic values: the base output is exact in bf16
+        lin.weight.copy_(torch.randint(-4, 5, (3, 4), generator=g) / 4)
+        lin.bias.copy_(torch.tensor([0.5, -1.0, 0.25]))
+    adapter = lora.LoRA(lin, rank=2, alpha=4)  # scale 2
+    D = torch.tensor([[1.0, -1, 1, -1], [1, 1, -1, -1]])
+    E = torch.randint(1, 257, (2, 4), generator=g) / 256 * (torch.randint(0, 2, (2, 4), generator=g) * 2 - 1)
+    up = torch.randn(3, 2, generator=g) * 2 ** 10
+    with torch.no_grad():
+        adapter.lora_down.weight.copy_(D + 2 ** -10 * E)
+        adapter.lora_up.weight.copy_(up)
+    assert torch.equal(adapter.lora_down.weight.bfloat16().float(), D)  # what bf16 maths would use
+    net = lora.LoRANetwork({"lora_unet_to_q": lora.Target("unet", "to_q", lin)},
+                           {"lora_unet_to_q": adapter}).attach()
+    ab = torch.randint(-4, 5, (5, 2), generator=g) / 2
+    x = (ab[:, :1] * torch.tensor([1.0, 1, 1, 1]) + ab[:, 1:] * torch.tensor([1.0, -1, -1, 1])).bfloat16()
+    assert torch.equal(x.float() @ D.T, torch.zeros(5, 2))
+
+    h64 = x.double() @ adapter.lora_down.weight.double().T  # (5, 2), 4e-5 .. 3e-3
+    branch64 = 2.0 * h64 @ up.double().T  # (5, 3), 0.05 .. 7
+    base64 = x.double() @ lin.weight.double().T + lin.bias.double()
+    assert branch64.abs().max() > 0.5  # the branch matters at bf16 resolution
+    # The branch itself (fp32, before the hook casts it): fp32 rounding only, measured 1.4e-7 relative.
+    branch = adapter(x)
+    assert branch.dtype == torch.float32
+    torch.testing.assert_close(branch.double(), branch64, rtol=1e-5, atol=1e-6)
+    # Through the hook: the branch is rounded to bf16, then added to the (exact) bf16 base output in bf16: two
+    # roundings of at most half a bf16 step (2^-8 relative: 8 significant bits) each.
+    y = lin(x)
+    assert y.dtype == torch.bfloat16
+    want = base64 + branch64
+    tol = (branch64.abs() + want.abs()) * 2 ** -8
+    assert ((y.double() - want).abs() <= tol).all(), (y, want)
+    assert (branch64.abs() > 4 * tol).all()  # a bf16 branch (exactly 0) misses every element by more than tol
+
+    # Gradients reach the fp32 adapters as fp32, with the fp32 values: d sum(y) / d up[o, r] = 2 * sum_n h[n, r].
     y.float().sum().backward()
-    assert adapter.lora_down.weight.grad is not None and lin.weight.grad is not None  # base freezing is the loop's
+    for p in adapter.parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+    torch.testing.assert_close(adapter.lora_up.weight.grad.double(),
+                               (2.0 * h64.sum(0)).expand(3, 2), rtol=1e-5, atol=1e-9)
+    assert lin.weight.grad is not None  # base freezing is the loop's
     net.detach()
 
 
@@ -331,6 +372,138 @@ def test_locon_and_loha_match_hand_computed_deltas(tmp_path):
         want = F.linear(x, base.weight + delta, base.bias) if base is lin else \
             F.conv2d(x, base.weight + delta, base.bias, stride=2, padding=1)
         torch.testing.assert_close(base(x) + loha(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_loha_matches_peft_loha_on_linear_and_conv():
+    """Oracle: peft's LoHa (LoHaConfig; its maths is LyCORIS' HadaWeight) with the same factors and alpha.
+
+    peft's default Conv2d form (use_effective_conv2d=False) is the one ours and LyCORIS' default write: w*_a
+    (out, r), w*_b (r, in * kh * kw), Delta W reshaped to the kernel. peft's use_effective_conv2d=True is
+    LyCORIS' Tucker form (use_tucker): hada_t1 / hada_t2 (r, r, kh, kw), w*_a (r, out), w*_b (r, in), Delta W =
+    einsum(t1, w1_b, w1_a) * einsum(t2, w2_b, w2_a) * alpha / r; ours does not implement it and refuses such
+    files (test_loha_file_written_by_lycoris_loads_with_its_deltas).
+    """
+    torch.manual_seed(0)
+    base = nn.ModuleDict({"lin": nn.Linear(7, 9), "conv": nn.Conv2d(6, 5, 3, stride=2, padding=1),
+                          "conv1x1": nn.Conv2d(6, 4, 1)})
+    ref = inject_adapter_in_model(LoHaConfig(r=3, alpha=5.0, init_weights=False,
+                                             target_modules=["lin", "conv", "conv1x1"]), copy.deepcopy(base))
+    with torch.no_grad():  # set factors of order 1 (peft's kaiming init gives Delta W ~ 0.05)
+        for n, p in ref.named_parameters():
+            if ".hada_" in n:
+                p.copy_(torch.randn(p.shape) * (0.5 if n.endswith("_a.default") else 1.0))
+    inputs = {"lin": torch.randn(4, 7), "conv": torch.randn(2, 6, 9, 9), "conv1x1": torch.randn(2, 6, 5, 5)}
+    for name, x in inputs.items():
+        layer, theirs = base[name], ref[name]
+        assert "hada_t1" not in dict(theirs.named_parameters())  # the flattened form, not Tucker
+        ours = lora.LoHa(layer, rank=3, alpha=5.0)
+        ours.load_state_dict({**{k: getattr(theirs, k)["default"].detach() for k in
+                                 ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}, "alpha": ours.alpha})
+        for m in (0.7, 1.0):  # ours' multiplier is peft's set_scale
+            ours.multiplier = m
+            theirs.set_scale("default", m)
+            with torch.no_grad():
+                want_delta = theirs.get_delta_weight("default")
+                assert want_delta.abs().max() > 0.5
+                torch.testing.assert_close(ours.delta_weight(), want_delta, rtol=1e-6, atol=1e-6)
+                want = theirs(x)  # base layer + peft's LoHa branch
+                torch.testing.assert_close(layer(x) + ours(x), want, rtol=1e-5, atol=1e-5)
+        # Merged: peft's merge() and ours give the same weight.
+        net = lora.LoRANetwork({f"lora_unet_{name}": lora.Target("unet", name, layer)},
+                               {f"lora_unet_{name}": ours})
+        w0 = layer.weight.detach().clone()
+        with torch.no_grad():
+            net.merge()
+            theirs.merge()
+            torch.testing.assert_close(layer.weight, theirs.get_base_layer().weight, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+        net.unmerge()
+        torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+
+
+LYCORIS_LOHA = FIXTURES / "lycoris_loha.safetensors"  # written by LyCORIS 4.1.3: see fixtures/make_lycoris_loha.py
+
+
+def _lycoris_delta(sd: dict, name: str, shape) -> torch.Tensor:
+    """LyCORIS' LoHa: Delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank, rank = w1_b.shape[0], in float64."""
+    w1 = sd[f"{name}.hada_w1_a"].double() @ sd[f"{name}.hada_w1_b"].double()
+    w2 = sd[f"{name}.hada_w2_a"].double() @ sd[f"{name}.hada_w2_b"].double()
+    return (w1 * w2 * (sd[f"{name}.alpha"].item() / sd[f"{name}.hada_w1_b"].shape[0])).reshape(shape)
+
+
+def test_loha_file_written_by_lycoris_loads_with_its_deltas(tiny, tmp_path):
+    """A LoHa file written by LyCORIS' kohya wrapper (original-layout UNet names, lora_te1_ / lora_te2_, linear
+    rank 2 / alpha 1, conv 3x3 rank 3 / alpha 6, a stride-2 conv) loads into ours with the delta of LyCORIS'
+    formula, and ours gives LyCORIS' own layer outputs (the fixture holds LyCORIS' delta output on an input)."""
+    model, _ = tiny
+    file = load_file(LYCORIS_LOHA)
+    lyco_out = load_file(FIXTURES / "lycoris_loha_outputs.safetensors")
+    names = {k.rsplit(".", 1)[0] for k in file}
+    assert len(names) == 7
+    assert {"lora_unet_input_blocks_3_0_op", "lora_te2_text_model_encoder_layers_0_mlp_fc1"} <= names
+    layers = lora._layers(model)
+    before = {n: layers[n].module.weight.detach().clone() for n in names}
+
+    net = lora.load_lora(model, LYCORIS_LOHA, merge=False)
+    try:
+        assert set(net.targets) == names and all(isinstance(a, lora.LoHa) for a in net.children())
+        for name in names:
+            layer, adapter = net.targets[name].module, net.get_submodule(name)
+            want = _lycoris_delta(file, name, layer.weight.shape)
+            torch.testing.assert_close(adapter.delta_weight().double(), want, rtol=1e-5, atol=1e-5)
+            # Through the hook, on LyCORIS' input: our layer minus the bare layer is LyCORIS' delta output.
+            x, diff = lyco_out[f"{name}.x"], lyco_out[f"{name}.diff"]
+            with torch.no_grad():
+                attached = layer(x)
+                net.detach()
+                bare = layer(x)
+                net.attach()
+            assert diff.abs().max() > 1.0
+            torch.testing.assert_close(attached - bare, diff, rtol=1e-5, atol=5e-5)  # measured <= 4e-6, |diff| <= 44
+    finally:
+        net.remove()
+    merged = lora.load_lora(model, LYCORIS_LOHA, scale=0.5)
+    try:
+        for name in names:
+            w = merged.targets[name].module.weight
+            torch.testing.assert_close(w.double(), before[name].double() + 0.5 * _lycoris_delta(file, name, w.shape),
+                                       rtol=1e-5, atol=1e-5)
+    finally:
+        merged.remove()
+
+    # LyCORIS' Tucker conv form (hada_t1 / hada_t2) is refused, not misread, and nothing is applied.
+    before = {n: layers[n].module.weight.detach().clone() for n in names}
+    with pytest.raises(ValueError, match=r"unsupported LoRA tensor 'lora_unet_input_blocks_\w+\.hada_t[12]'"):
+        lora.load_lora(model, FIXTURES / "lycoris_loha_tucker.safetensors")
+    assert all(torch.equal(layers[n].module.weight, before[n]) for n in names)
+
+
+def test_our_loha_file_has_lycoris_keys_shapes_and_dtypes(tiny, tmp_path):
+    """Our writer, for the modules of the LyCORIS fixture with its ranks and alphas, writes exactly LyCORIS' key
+    set, shapes and dtypes, and its tensors mean what LyCORIS' formula says (a swapped or mislabelled factor
+    changes the formula's result)."""
+    model, _ = tiny
+    theirs = load_file(LYCORIS_LOHA)
+    layers = lora._layers(model)
+    targets, adapters = {}, {}
+    for name in {k.rsplit(".", 1)[0] for k in theirs}:
+        targets[name] = layers[name]  # LyCORIS' module names are ours
+        adapters[name] = lora.LoHa(layers[name].module, rank=theirs[f"{name}.hada_w1_b"].shape[0],
+                                   alpha=theirs[f"{name}.alpha"].item())
+    net = lora.LoRANetwork(targets, adapters, {"kind": "loha"})
+    _randomise(net, seed=3, std=0.5)
+    path = tmp_path / "ours.safetensors"
+    lora.save_lora(path, net)
+    ours = load_file(path)
+    assert set(ours) == set(theirs)
+    for k in theirs:
+        assert (ours[k].shape, ours[k].dtype) == (theirs[k].shape, theirs[k].dtype), k
+        if k.endswith(".alpha"):
+            assert ours[k].item() == theirs[k].item(), k
+    for name, a in adapters.items():
+        want = _lycoris_delta(ours, name, a.shape)
+        assert want.abs().max() > 0.1
+        torch.testing.assert_close(a.delta_weight().double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_loha_network_saves_lycoris_keys_and_loads_back(tiny, tmp_path):
