@@ -89,8 +89,11 @@ def inputs(tmp_path_factory) -> Path:
     return d
 
 
+# A stochastic sampler: its noise at every step, not only the initial noise, must come from image i's own seed, so
+# the 1- and 2-worker runs below also check that the per-step noise does not depend on which worker made a batch.
+SAMPLER = "euler_ancestral"
 SETTINGS = ["--negative-prompt", NEGATIVE, "--num-images", "5", "--batch-size", "2", "--seed", "7",
-            "--cfg-scale", "4.5"]
+            "--cfg-scale", "4.5", "--sampler", SAMPLER]
 
 
 def base_args(inputs: Path) -> list[str]:
@@ -177,12 +180,17 @@ def test_pixels_are_generate_with_seed_plus_i_and_prompt_i_mod_p(one):
     from sampling import generate
     torch.set_num_threads(1)
     model = sdxl.load_model("tiny")  # the preset's random weights (seed 0), as the CLI loads them
-    kw = dict(negative_prompt=NEGATIVE, height=64, width=64, steps=2, guidance_scale=4.5)
+    kw = dict(negative_prompt=NEGATIVE, height=64, width=64, steps=2, guidance_scale=4.5, sampler=SAMPLER)
     # Batches have fixed boundaries: images 2, 3 (indices) were made together, image 4 alone.
     pair = generate(model, [PROMPTS[2], PROMPTS[0]], seed=[9, 10], **kw)
     last = generate(model, [PROMPTS[1]], seed=[11], **kw)
     for index, im in zip((2, 3, 4), pair + last):
         assert np.array_equal(pixels(one / "images" / f"{index + 1:012d}.png"), np.asarray(im)), index
+    # Image 3 made alone: the batch split changes neither its initial nor its per-step noise (seed 10 only). The
+    # batched UNet call rounds differently from the single one: 1 level in a few values (measured: 0.03% of them).
+    alone = np.asarray(generate(model, [PROMPTS[0]], seed=[10], **kw)[0]).astype(int)
+    diff = np.abs(alone - pixels(one / "images" / "000000000004.png").astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def test_png_parameters_chunk_in_a1111_format(one):
@@ -190,7 +198,7 @@ def test_png_parameters_chunk_in_a1111_format(one):
     kind, text = chunks["parameters"]
     assert kind == b"tEXt"  # A1111 writes a tEXt chunk named "parameters"
     assert text == (f"{PROMPTS[0]}\nNegative prompt: {NEGATIVE}\n"
-                    "Steps: 2, Sampler: Euler, CFG scale: 4.5, Seed: 10, Size: 64x64, Model: tiny")
+                    "Steps: 2, Sampler: Euler a, CFG scale: 4.5, Seed: 10, Size: 64x64, Model: tiny")
 
 
 def test_simple_format_with_a_coco_prompt_file(runs):
@@ -215,6 +223,88 @@ def test_pixel_space_model(runs):
         assert np.array_equal(pixels(path), np.asarray(im))
         assert png_text_chunks(path)["parameters"][1] == (
             f"{PROMPTS[0]}\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: {i}, Size: 64x64, Model: pixel-demo")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """Files the README's --checkpoint / --lora-checkpoint / --vae flags take, written with the library's own save
+    functions (the ones training's save_final calls): a full fine-tune's output folder (final/ holding weights
+    other than the tiny preset's), a LoRA run's output folder (lora_final.safetensors), and a VAE file in diffusers
+    names (as the fp16-fix VAE), each unlike the tiny preset's own."""
+    import torch
+    from safetensors.torch import save_file
+
+    import sdxl
+    from sdxl import lora
+    d = tmp_path_factory.mktemp("weights")
+    sdxl.load_model("tiny", seed=5).save_pretrained(d / "full_run" / "final")
+    model = sdxl.load_model("tiny")
+    net = lora.inject(model, "attention", rank=4)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("lora_up.weight"):  # zero at init: give the LoRA an effect
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(len(name)))
+    (d / "lora_run").mkdir()
+    lora.save_lora(d / "lora_run" / "lora_final.safetensors", net)
+    save_file(sdxl.load_model("tiny", seed=6).vae.state_dict(), str(d / "vae.safetensors"))
+    return {"full_run": d / "full_run", "lora_run": d / "lora_run",
+            "lora": d / "lora_run" / "lora_final.safetensors", "vae": d / "vae.safetensors"}
+
+
+def run_in_process(out: Path, *args: str) -> np.ndarray:
+    """generate.py with 1 worker (in this process) for one image of PROMPTS[0], seed 3: its pixels."""
+    rc, _, err = main_in_process(command(out, "--prompt", PROMPTS[0], "--seed", "3", "--num-gpus", "1", *args)[2:])
+    assert rc == 0, err[-3000:]
+    return pixels(out / "images" / "000000000001.png")
+
+
+def reference(model) -> np.ndarray:
+    """The oracle: generate() on a model loaded in this process, the CLI's settings (2 steps, CFG 5, seed 3)."""
+    from sampling import generate
+    return np.asarray(generate(model, [PROMPTS[0]], height=64, width=64, steps=2, guidance_scale=5.0, seed=3)[0])
+
+
+@pytest.fixture(scope="module")
+def plain() -> np.ndarray:
+    """The image without any of the flags: each flag must change it (or the comparisons below prove nothing)."""
+    import sdxl
+    return reference(sdxl.load_model("tiny"))
+
+
+def far(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.abs(a.astype(int) - b.astype(int)).mean() > 1
+
+
+def test_checkpoint_flag_takes_a_training_output_folder(weights, plain, tmp_path):
+    import sdxl
+    # A full fine-tune: its final/ folder replaces --pretrained_model.
+    got = run_in_process(tmp_path / "full", "--checkpoint", str(weights["full_run"]))
+    assert np.array_equal(got, reference(sdxl.load_model(weights["full_run"] / "final")))
+    assert far(got, plain)
+    # A LoRA run: lora_final.safetensors applied at scale 1 to --pretrained_model.
+    got = run_in_process(tmp_path / "lora", "--checkpoint", str(weights["lora_run"]))
+    with_lora = sdxl.load_model("tiny")
+    with_lora.load_lora(weights["lora"], 1.0)
+    assert np.array_equal(got, reference(with_lora))
+    assert far(got, plain)
+
+
+def test_lora_checkpoint_scale_is_applied(weights, plain, tmp_path):
+    import sdxl
+    got = run_in_process(tmp_path / "half", "--lora-checkpoint", f"{weights['lora']}:0.5")
+    models = {}
+    for scale in (0.5, 1.0):
+        models[scale] = sdxl.load_model("tiny")
+        models[scale].load_lora(weights["lora"], scale)
+    assert np.array_equal(got, reference(models[0.5]))
+    assert far(got, reference(models[1.0])) and far(got, plain)
+
+
+def test_vae_flag_replaces_the_vae(weights, plain, tmp_path):
+    import sdxl
+    got = run_in_process(tmp_path / "vae", "--vae", str(weights["vae"]))
+    assert np.array_equal(got, reference(sdxl.load_model("tiny", vae=weights["vae"])))
+    assert far(got, plain)
 
 
 def test_resume_makes_only_the_missing_image(one, inputs, tmp_path):
@@ -299,7 +389,8 @@ BAD = {
                                              "000000000001.png was made with other settings", False),
     # A pixel model's sides are multiples of its patch times the body's downsampling (32 here), checked at load.
     "size not a multiple of the pixel patch": (["--prompt", "x", "--pretrained_model", "pixel-demo", "--height", "80",
-                                                "--output-dir", "{d}/fresh"], "must be multiples of 32", True),
+                                                "--sampler", "euler", "--output-dir", "{d}/fresh"],
+                                               "must be multiples of 32", True),
     # Loading fails inside the 2 worker processes: the message still comes back as one line.
     "corrupt model in workers": (["--prompt", "x", "--pretrained_model", "{d}/broken.safetensors", "--num-images",
                                   "2", "--num-gpus", "2", "--output-dir", "{d}/fresh"],

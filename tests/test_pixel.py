@@ -19,6 +19,7 @@ from sdxl.samplers import flow_sigmas
 from training import pixel, post_hoc_ema
 from training.demo_data import (COLOURS, Combo, colour_adherence, draw, held_out_combos, shape_colour,
                                 train_combos)
+from training.loop import build_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,53 @@ def _unet_state(folder):
     return load_pixel_model(folder).unet.state_dict()
 
 
-def test_three_stages_run(latent_folder, data_dir, tmp_path):
+def _spy_on_training(monkeypatch) -> dict:
+    """Record what training.pixel.main builds: the model, the optimizer, and every parameter just before and just
+    after the optimizer's first step."""
+    seen: dict = {}
+    load_pixel = pixel.load_pixel
+
+    def load(*args, **kwargs):
+        seen["model"] = load_pixel(*args, **kwargs)
+        return seen["model"]
+
+    def first_step(key):
+        def hook(opt, *_):
+            if key not in seen:
+                seen[key] = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
+        return hook
+
+    def optimizer(*args, **kwargs):
+        opt = seen["optimizer"] = build_optimizer(*args, **kwargs)
+        opt.register_step_pre_hook(first_step("before"))
+        opt.register_step_post_hook(first_step("after"))
+        return opt
+
+    monkeypatch.setattr(pixel, "load_pixel", load)
+    monkeypatch.setattr(pixel, "build_optimizer", optimizer)
+    return seen
+
+
+def _check_body_and_codec_rates(seen: dict, codec_lr: float, body_lr: float) -> None:
+    """A full-stage run: the optimizer holds two groups, the codec (encoder + decoder) at `codec_lr` and the body
+    (every other UNet parameter) at `body_lr`, and its first step moved each group's weights by that rate.
+    Oracle for the moves: AdamW's first step without weight decay is exactly lr * g / (|g| + eps) per element
+    (m and v bias-corrected are g and g^2), so |delta| = lr wherever |g| >> eps, and never more."""
+    names = {id(p): n for n, p in seen["model"].unet.named_parameters()}
+    groups = seen["optimizer"].param_groups
+    codec = sorted(n for n in names.values() if n.startswith(("encoder.", "decoder.")))
+    body = sorted(n for n in names.values() if not n.startswith(("encoder.", "decoder.")))
+    assert len(body) > 50 and len(codec) > 5
+    assert [(g["name"], g["lr"], sorted(names[id(p)] for p in g["params"])) for g in groups] == [
+        ("codec", codec_lr, codec), ("body", body_lr, body)]
+    for before, after, name, lr in zip(seen["before"], seen["after"], ("codec", "body"), (codec_lr, body_lr)):
+        delta = torch.cat([(b - a).abs().flatten() for a, b in zip(before, after)]) / lr
+        # 2e-3: fp32 rounding of w + delta for |w| <= 1 is at most 6e-8, 6e-4 of a step of 1e-4 (measured: max
+        # 1 + 1.7e-4, median 1 - 4.3e-4, the median below 1 from the elements whose |g| is near eps).
+        assert delta.max() < 1 + 2e-3 and abs(delta.median() - 1) < 2e-3, (name, delta.max(), delta.median())
+
+
+def test_three_stages_run(latent_folder, data_dir, tmp_path, monkeypatch):
     common = ["--model_type", "pixel", "--data_dir", str(data_dir), "--image_size", "64", "--bucket_step", "32",
               "--batch_size", "2", "--max_steps", "2", "--precision", "fp32", "--num_workers", "0",
               "--learning_rate", "1e-3"]
@@ -210,9 +257,12 @@ def test_three_stages_run(latent_folder, data_dir, tmp_path):
     s2 = _unet_state(tmp_path / "s2" / "final")
     assert not torch.equal(s2["decoder.conv_out.weight"], s1["decoder.conv_out.weight"])
     assert all(torch.equal(s2[k], s1[k]) for k in s2 if not k.startswith(("encoder.", "decoder.")))
-    # (3) everything, the body at its own rate; metrics, config and EMA snapshots written
+    # (3) everything, the body at its own rate (without weight decay, so that the first step's size is the rate);
+    # metrics, config and EMA snapshots written
+    seen = _spy_on_training(monkeypatch)
     assert train_sdxl.main(common + ["--pretrained_model", str(tmp_path / "s2" / "final"), "--lr_sdxl_unet_body",
-                                     "1e-4", "--output_dir", str(tmp_path / "s3")]) == 0
+                                     "1e-4", "--weight_decay", "0", "--output_dir", str(tmp_path / "s3")]) == 0
+    _check_body_and_codec_rates(seen, codec_lr=1e-3, body_lr=1e-4)
     s3 = _unet_state(tmp_path / "s3" / "final")
     assert not torch.equal(s3["mid_block.resnets.0.conv1.weight"], s2["mid_block.resnets.0.conv1.weight"])
     lines = (tmp_path / "s3" / "metrics.jsonl").read_text().splitlines()
