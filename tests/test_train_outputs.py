@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -262,8 +263,8 @@ def test_vae_flag_is_the_vae_that_encodes(train_data, tmp_path):
     from sdxl.vae import load_vae
     vaes = {"given": load_vae(vae_dir), "model's own": sdxl.load_model("tiny", seed=0).vae}
     images = [Image.open(train_data / f"{i}.png").convert("RGB") for i in (1, 3, 5, 7)]  # the square ones
-    px = torch.stack([torch.tensor(list(im.get_flattened_data()), dtype=torch.float32) for im in images])
-    px = px.view(4, 64, 64, 3).permute(0, 3, 1, 2) * (2 / 255) - 1
+    px = torch.stack([torch.from_numpy(np.asarray(im)) for im in images]).float()  # (4, 64, 64, 3)
+    px = px.permute(0, 3, 1, 2) * (2 / 255) - 1
     with torch.no_grad():
         expected = {name: vae.encode(px).mean * vae.config.scaling_factor for name, vae in vaes.items()}
     entries = [load_file(str(p)) for p in (out / "cache" / "latents").rglob("*.safetensors")]
