@@ -363,6 +363,7 @@ def test_demo_data_and_score():
     assert shape_colour(np.full((64, 64, 3), 255, np.uint8), "white") is None
 
 
+@pytest.mark.slow  # the whole 1000-step demo (minutes); CI runs it, `-m 'not slow'` skips it locally
 def test_demo_learns_colours(tmp_path, capsys):
     """A shortened demo (fewer steps) through the real entry point: the held-out colour adherence is far above
     chance (1/6), and the outputs load with sdxl.load_model's pixel path."""

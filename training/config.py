@@ -9,14 +9,10 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import sys
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 class ConfigError(ValueError):
