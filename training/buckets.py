@@ -2,8 +2,10 @@
 
 Buckets (kohya / NovelAI style): for every width w in [min_side, max_side] in steps of `step`, the tallest
 height h (a multiple of `step`, <= max_side) with w * h <= image_size^2, plus the transposed (h, w) and the square.
-Resolutions are (height, width) in pixels; `step` is 64 px for latent SDXL (its published buckets; any multiple
-of the VAE's 8x times the UNet's 4x works), 32 for the pixel-space codec.
+Resolutions are (height, width) in pixels; `step` is 64 px for latent SDXL (as its published buckets; any multiple
+of the VAE's 8x times the UNet's 4x works), 32 for the pixel-space codec. At 1024 this gives 33 of the 40 sizes in
+the SDXL paper's list; the other 7 (e.g. 960 x 1024) have a second side below what the area allows, where this
+rule keeps one size per side length.
 
 An image of size (w, h) goes to the bucket minimising |log(w / h) - log(bw / bh)|, is resized (LANCZOS with a
 reducing gap, i.e. antialiased) by s = max(bw / w, bh / h) so it covers the bucket, then cropped to (bh, bw).
@@ -44,7 +46,7 @@ def make_buckets(image_size: int = 1024, step: int = 64, min_side: int | None = 
                  max_side: int | None = None) -> list[Bucket]:
     """Bucket resolutions of about image_size^2 pixels, sides multiples of `step`, sorted by aspect (w / h).
 
-    min_side / max_side default to image_size / 2 and image_size * 2 (the SDXL bucket list at 1024).
+    min_side / max_side default to image_size / 2 and image_size * 2 (the span of the SDXL paper's list at 1024).
     """
     min_side = image_size // 2 if min_side is None else min_side
     max_side = image_size * 2 if max_side is None else max_side
