@@ -407,13 +407,14 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
                 scaler.update()
                 logger.write(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
             optimizer.zero_grad(set_to_none=True)
+            lr_used = scheduler.get_last_lr()[0]  # what this step used (logged), before the update
             scheduler.step()
             step += 1
             if ema is not None:
                 ema.update()
             now = time.perf_counter()
             if step % cfg.log_every == 0:
-                metrics = {"epoch": epoch, "loss": loss_mean.item(), "lr": scheduler.get_last_lr()[0],
+                metrics = {"epoch": epoch, "loss": loss_mean.item(), "lr": lr_used,
                            "grad_norm": norm.item(), "images_per_sec": images / max(now - t_last, 1e-9),
                            "peak_mem_gb": peak_memory_gb(device)}
                 logger.log(step, metrics)

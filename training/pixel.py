@@ -368,6 +368,7 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
             nonfinite += 1
             logger.write(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
         optimizer.zero_grad(set_to_none=True)
+        lr_used = scheduler.get_last_lr()[0]  # what this step used (logged), before the update
         scheduler.step()
         step += 1
         if ema is not None:
@@ -375,7 +376,7 @@ def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
         power.update(step)
         if step % cfg.log_every == 0 or step == total_steps:
             now = time.perf_counter()
-            metrics = {"loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": norm.item(),
+            metrics = {"loss": loss_sum, "lr": lr_used, "grad_norm": norm.item(),
                        "images_per_sec": images / max(now - t_last, 1e-9)}
             logger.log(step, metrics)
             logger.progress(step, loss=loss_sum, lr=metrics["lr"], img_s=metrics["images_per_sec"])
