@@ -26,11 +26,8 @@ from training.ema import EMA
 
 @pytest.fixture
 def data(train_data):
+    """The shared dataset under this file's short name."""
     return train_data
-
-
-def base_args(data, out, *extra):
-    return train_args(data, out, *extra)
 
 
 def train(args) -> int:
@@ -61,7 +58,7 @@ def fixed_loss(unet, text, data) -> float:
 def test_loss_falls(data, tmp_path):
     initial = sdxl.load_model("tiny", seed=0)
     before = fixed_loss(initial.unet, initial.text, data)
-    assert train(base_args(data, tmp_path, "--max_steps", 30, "--batch_size", 4, "--learning_rate", 1e-3)) == 0
+    assert train(train_args(data, tmp_path, "--max_steps", 30, "--batch_size", 4, "--learning_rate", 1e-3)) == 0
     trained = sdxl.load_model(str(tmp_path / "final"))
     after = fixed_loss(trained.unet, trained.text, data)
     assert after < 0.7 * before, (before, after)
@@ -75,10 +72,10 @@ def test_resume_is_bit_identical(data, tmp_path):
             "--max_steps", 6, "--batch_size", 2, "--gradient_accumulation_steps", 2, "--lr_scheduler", "cosine",
             "--lr_warmup_steps", 2, "--ema_decay", 0.9, "--save_interval_steps", 3, "--learning_rate", 1e-3,
             "--shuffle_tags", "--caption_dropout", 0.2]
-    assert train(base_args(data, tmp_path / "a", *args)) == 0
+    assert train(train_args(data, tmp_path / "a", *args)) == 0
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step_000003", tmp_path / "b" / "checkpoints" / "step_000003")
-    assert train(base_args(data, tmp_path / "b", *args, "--resume", "latest")) == 0
+    assert train(train_args(data, tmp_path / "b", *args, "--resume", "latest")) == 0
     for name in ("lora_final.safetensors", "lora_final_ema.safetensors"):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -111,7 +108,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 def initial_weights(data, out: Path, flags: list) -> dict[str, torch.Tensor]:
     """What a run with `flags` starts from (LoRA down weights are random): the same run at learning rate 0."""
     zero = ["--learning_rate", 0, "--lr_text_encoder1", 0, "--lr_text_encoder2", 0, "--max_steps", 1]
-    assert train(base_args(data, out, "--batch_size", 2, *flags, *zero)) == 0
+    assert train(train_args(data, out, "--batch_size", 2, *flags, *zero)) == 0
     return final_weights(out)
 
 
@@ -147,8 +144,8 @@ def test_ddp_with_accumulation_and_text_encoders_equals_one_process(data, tmp_pa
     # Same global batch: 2 images x 2 micro-batches in one process, 1 image x 2 ranks x 2 micro-batches under DDP
     # (the first micro-batch runs under no_sync). Both text encoders train too, at their own learning rates.
     flags = [*DIST_COMMON, "--train_text_encoder", "--lr_text_encoder1", 0.02, "--lr_text_encoder2", 0.03]
-    assert train(base_args(data, tmp_path / "single", "--batch_size", 2, *flags)) == 0
-    ranks = probe(base_args(data, tmp_path / "ddp", "--batch_size", 1, *flags), tmp_path / "ddp")
+    assert train(train_args(data, tmp_path / "single", "--batch_size", 2, *flags)) == 0
+    ranks = probe(train_args(data, tmp_path / "ddp", "--batch_size", 1, *flags), tmp_path / "ddp")
     for r in ranks:  # plain DDP: whole parameters on every rank, the text encoders' among them
         assert r["wrapper"] == "DistributedDataParallel"
         assert all(p["placements"] is None for p in r["params"].values())
@@ -161,16 +158,16 @@ def test_ddp_with_accumulation_and_text_encoders_equals_one_process(data, tmp_pa
 
 def test_ddp_lora_with_text_encoders_equals_one_process(data, tmp_path):
     flags = [*DIST_COMMON, "--use_lora", "--lora_target_mode", "all", "--lora_text_encoder"]
-    assert train(base_args(data, tmp_path / "single", "--batch_size", 2, *flags)) == 0
-    torchrun(base_args(data, tmp_path / "ddp", "--batch_size", 1, *flags))
+    assert train(train_args(data, tmp_path / "single", "--batch_size", 2, *flags)) == 0
+    torchrun(train_args(data, tmp_path / "ddp", "--batch_size", 1, *flags))
     init = initial_weights(data, tmp_path / "init", flags)
     assert_same_updates(tmp_path / "ddp", tmp_path / "single", init, ("lora_unet_", "lora_te1_", "lora_te2_"))
 
 
 def test_fsdp_shards_and_equals_one_process_and_resumes(data, tmp_path):
-    assert train(base_args(data, tmp_path / "single", "--batch_size", 2, *DIST_COMMON)) == 0
+    assert train(train_args(data, tmp_path / "single", "--batch_size", 2, *DIST_COMMON)) == 0
     flags = ["--batch_size", 1, "--fsdp", *DIST_COMMON]
-    ranks = probe(base_args(data, tmp_path / "fsdp", *flags, "--save_interval_steps", 2), tmp_path / "fsdp")
+    ranks = probe(train_args(data, tmp_path / "fsdp", *flags, "--save_interval_steps", 2), tmp_path / "fsdp")
     sizes = {f"unet.{n}": p.numel() for n, p in sdxl.load_model("tiny").unet.named_parameters()}
     assert ranks[0]["params"].keys() == sizes.keys()
     for r in ranks:  # every UNet parameter is a DTensor sharded on dim 0 across the two ranks
@@ -188,7 +185,7 @@ def test_fsdp_shards_and_equals_one_process_and_resumes(data, tmp_path):
     (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_000002",
                     tmp_path / "resumed" / "checkpoints" / "step_000002")
-    torchrun(base_args(data, tmp_path / "resumed", *flags, "--resume", "latest"))
+    torchrun(train_args(data, tmp_path / "resumed", *flags, "--resume", "latest"))
     a, b = final_weights(tmp_path / "fsdp"), final_weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -197,7 +194,7 @@ def test_trained_lora_loads_in_reference_pipeline(data, tmp_path):
     from diffusers import StableDiffusionXLPipeline
     folder = tmp_path / "base"
     sdxl.load_model("tiny", seed=0).save_pretrained(folder)
-    args = base_args(data, tmp_path / "run", "--use_lora", "--lora_target_mode", "all", "--lora_text_encoder",
+    args = train_args(data, tmp_path / "run", "--use_lora", "--lora_target_mode", "all", "--lora_text_encoder",
                      "--max_steps", 3, "--batch_size", 2, "--learning_rate", 5e-3)
     args[1] = str(folder)
     assert train(args) == 0
@@ -287,9 +284,9 @@ def test_ema_against_hand_computation():
 
 def test_cached_latents_and_text_train_like_uncached(data, tmp_path):
     common = ["--max_steps", 3, "--batch_size", 2, "--learning_rate", 0.05, "--optimizer", "sgd"]
-    assert train(base_args(data, tmp_path / "plain", *common)) == 0
+    assert train(train_args(data, tmp_path / "plain", *common)) == 0
     cached = [*common, "--cache_latents", "--cache_text_embeddings", "--cache_dir", tmp_path / "cache"]
-    assert train(base_args(data, tmp_path / "cached", *cached)) == 0
+    assert train(train_args(data, tmp_path / "cached", *cached)) == 0
     # Entries are keyed by file contents: images 0 and 4 (1 and 5, ...) are the same drawing, cached once.
     assert len(list((tmp_path / "cache" / "latents").rglob("*.safetensors"))) == 4
     assert len(list((tmp_path / "cache" / "text").rglob("*.safetensors"))) == 4  # four distinct captions
@@ -305,7 +302,7 @@ def test_validation_samples_match_generate(data, tmp_path):
     from sampling import generate
     args = ["--max_steps", 2, "--batch_size", 2, "--sample_every", 2, "--sample_prompts", "a red circle",
             "--sample_steps", 3, "--learning_rate", 1e-3]
-    assert train(base_args(data, tmp_path, *args)) == 0
+    assert train(train_args(data, tmp_path, *args)) == 0
     sample = Image.open(tmp_path / "samples" / "step_000002_0.png")
     final = sdxl.load_model(str(tmp_path / "final"))
     again = generate(final, ["a red circle"], height=64, width=64, steps=3, guidance_scale=5.0, seed=0)[0]
@@ -315,7 +312,7 @@ def test_validation_samples_match_generate(data, tmp_path):
 def test_toml_config_and_flag_override(data, tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('max_steps = 50\nlearning_rate = 0.5\nbatch_size = 2\n')
-    assert train(base_args(data, tmp_path / "out", "--config", toml, "--max_steps", 1)) == 0
+    assert train(train_args(data, tmp_path / "out", "--config", toml, "--max_steps", 1)) == 0
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["max_steps"] == 1 and saved["learning_rate"] == 0.5 and saved["batch_size"] == 2
 
@@ -328,21 +325,21 @@ def test_toml_config_and_flag_override(data, tmp_path):
     (["--sample_every", "5"], "--sample_every needs --sample_prompts"),
 ])
 def test_contradictory_flags_exit_2(data, tmp_path, capsys, extra, message):
-    assert train(base_args(data, tmp_path, *extra)) == 2
+    assert train(train_args(data, tmp_path, *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "config.json").exists()  # rejected before any work
 
 
 def test_bad_data_and_existing_run_exit_2(data, tmp_path, capsys):
-    assert train(base_args(tmp_path / "nope", tmp_path / "o1", "--max_steps", 1)) == 2
+    assert train(train_args(tmp_path / "nope", tmp_path / "o1", "--max_steps", 1)) == 2
     assert "data_dir does not exist" in capsys.readouterr().err
     (tmp_path / "o2" / "checkpoints" / "step_000001").mkdir(parents=True)
-    assert train(base_args(data, tmp_path / "o2", "--max_steps", 1)) == 2
+    assert train(train_args(data, tmp_path / "o2", "--max_steps", 1)) == 2
     assert "holds another run's checkpoints" in capsys.readouterr().err
     (tmp_path / "o3").mkdir()
     (tmp_path / "o3" / "lora_final.safetensors").write_bytes(b"x")
-    assert train(base_args(data, tmp_path / "o3", "--max_steps", 1)) == 2
+    assert train(train_args(data, tmp_path / "o3", "--max_steps", 1)) == 2
     assert "lora_final.safetensors" in capsys.readouterr().err
     assert (tmp_path / "o3" / "lora_final.safetensors").read_bytes() == b"x"
     assert train(["--pretrained_model", "tiny"]) == 2
@@ -352,7 +349,7 @@ def test_bad_data_and_existing_run_exit_2(data, tmp_path, capsys):
 def test_sigterm_saves_and_exits_zero(data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_sdxl.py"),
-                             *base_args(data, tmp_path, "--max_steps", 10000, "--batch_size", 2)],
+                             *train_args(data, tmp_path, "--max_steps", 10000, "--batch_size", 2)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     try:  # signal only once two steps are logged, so the stop lands mid-training, not during setup
@@ -381,7 +378,7 @@ def test_nonfinite_steps_skip_then_stop(data, tmp_path, monkeypatch, capsys):
         return real(*args, **kw) * float("nan")
     monkeypatch.setattr(loop, "latent_loss", nan_loss)
     init = sdxl.load_model("tiny", seed=0).unet.state_dict()
-    assert train(base_args(data, tmp_path, "--max_steps", 50, "--batch_size", 2)) == 1
+    assert train(train_args(data, tmp_path, "--max_steps", 50, "--batch_size", 2)) == 1
     assert "10 non-finite steps in a row" in capsys.readouterr().err
     ck = load_file(str(tmp_path / "checkpoints" / "step_000010" / "trainable.safetensors"))
     assert all(torch.equal(ck["unet." + k], v) for k, v in init.items())  # no step was taken
