@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import random
 
@@ -11,9 +12,10 @@ from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, 
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 from transformers import CLIPTokenizer as HFTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sdxl.config import CLIP_BIGG, CLIP_L, TINY
-from sdxl.text_encoders import CLIPTokenizer, DualCLIP, clip_text_config, text_encoder_config
+from sdxl.text_encoders import BPE_PATH, CLIPTokenizer, DualCLIP, clip_text_config, text_encoder_config
 
 CPU = torch.device("cpu")
 
@@ -25,7 +27,7 @@ STRINGS = [
     "東京の夜景, 北京, 한국어 문장, ไทย", "emoji 😀👍🏽🇫🇷 ❤️ ✨", "non\u00a0breaking\u3000ideographic\u2003em\u200bzero",
     "ΣΑΣ ΟΔΟΣ", "İstanbul ﬁne Ⅻ ２ ٣", "tabs\tand\nnew\r\nlines  and   runs", "  leading and trailing  ",
     "a<|endoftext|>b", "<|startoftext|>x<|endoftext|>", "A <|ENDOFTEXT|> b <|StartOfText|>", "!!<|endoftext|>!",
-    "word " * 100, "supercalifragilisticexpialidocious antidisestablishmentarianism " * 5,
+    "word " * 100, "supercalifragilisticexpialidocious antidisestablishmentarianism " * 5, "cat, " * 160,
 ]
 
 
@@ -37,6 +39,15 @@ def _fuzz(n: int, seed: int = 0) -> list[str]:
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(n)]
 
 
+def _rows(tok, prompts: list[str], k: int) -> list[list[list[int]]]:
+    """Oracle chunking by hand from a transformers tokenizer: k rows per prompt of BOS, 75 ids, EOS, pad."""
+    out = []
+    for ids in tok(prompts, add_special_tokens=False)["input_ids"]:
+        parts = [ids[75 * i:75 * (i + 1)] for i in range(k)]
+        out.append([[tok.bos_token_id, *p, tok.eos_token_id] + [tok.pad_token_id] * (75 - len(p)) for p in parts])
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny() -> DualCLIP:
     torch.manual_seed(0)
@@ -44,12 +55,30 @@ def tiny() -> DualCLIP:
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizers(tiny, tmp_path_factory) -> tuple[HFTokenizer, HFTokenizer]:
-    """transformers' CLIPTokenizer loaded from the folders our save_pretrained writes."""
-    root = tmp_path_factory.mktemp("tok")
-    tiny.tokenizer.save_pretrained(root / "tokenizer")
-    tiny.tokenizer_2.save_pretrained(root / "tokenizer_2")
-    return HFTokenizer.from_pretrained(root / "tokenizer"), HFTokenizer.from_pretrained(root / "tokenizer_2")
+def published(tmp_path_factory) -> dict:
+    """tokenizer/ and tokenizer_2/ laid out as the published SDXL folders (vocab.json, merges.txt,
+    tokenizer_config.json), built from the shipped merge list as OpenAI CLIP's SimpleTokenizer builds its
+    vocabulary, with transformers' byte map; and transformers' CLIPTokenizer read from them: the reference."""
+    root = tmp_path_factory.mktemp("published")
+    merges = gzip.open(BPE_PATH, "rt", encoding="utf-8").read().split("\n")[1:49152 - 256 - 2 + 1]
+    chars = list(bytes_to_unicode().values())
+    vocab = [*chars, *(c + "</w>" for c in chars), *(m.replace(" ", "") for m in merges),
+             "<|startoftext|>", "<|endoftext|>"]
+    out = {"root": root}
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        (root / name).mkdir()
+        (root / name / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+        (root / name / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        config = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                  "pad_token": pad, "do_lower_case": True, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
+        (root / name / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+        out[name] = HFTokenizer.from_pretrained(root / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizers(published) -> tuple[HFTokenizer, HFTokenizer]:
+    return published["tokenizer"], published["tokenizer_2"]
 
 
 @pytest.fixture(scope="module")
@@ -62,34 +91,43 @@ def pipe(tiny, hf_tokenizers) -> StableDiffusionXLPipeline:
 
 def test_shipped_vocabulary():
     tok = CLIPTokenizer.default()
-    assert len(tok.vocab) == 49408 and len(tok.merges) == 48894
+    vocab, merges = tok.get_vocab(), json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert len(vocab) == len(tok) == 49408 and len(merges) == 48894 and tok.model_max_length == 77
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
-    assert tok.vocab["!"] == 0 and tok.vocab["!</w>"] == 256 and tok.vocab["in"] == 512
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256 and vocab["in"] == 512
     # Published OpenAI CLIP ids of "a photo of a cat".
-    assert tok.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]
+    assert tok("a photo of a cat", add_special_tokens=False)["input_ids"] == [320, 1125, 539, 320, 2368]
     assert CLIPTokenizer.default("!").pad_token_id == 0
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["tokenizer", "tokenizer_2"])
 def test_tokenizer_matches_transformers(tiny, hf_tokenizers, which):
+    """The presets' tokenizers (built in memory from the shipped file) and DualCLIP's chunks, id for id against
+    transformers reading a published-layout folder."""
     ours, ref = (tiny.tokenizer, tiny.tokenizer_2)[which], hf_tokenizers[which]
     assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == \
         (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)
-    for text in STRINGS + _fuzz(600, seed=which):
-        ids = ours.encode(text)
-        assert ids == ref(text, add_special_tokens=False)["input_ids"], repr(text)
-        # The first chunk is exactly what the reference pipeline feeds the encoder.
-        padded = ref(text, padding="max_length", max_length=77, truncation=True)["input_ids"]
-        assert ours.chunk(ids, max(1, -(-len(ids) // 75)))[0] == padded, repr(text)
+    texts = STRINGS + _fuzz(600, seed=which)
+    expected = ref(texts, add_special_tokens=False)["input_ids"]
+    for text, ids in zip(texts, expected):
+        assert ours(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
+    chunks = tiny.tokenize(texts)[which]  # (N, k, 77)
+    assert chunks.shape == (len(texts), 5, 77)  # "cat, " * 160: 320 tokens, 5 chunks of 75
+    assert chunks.tolist() == _rows(ref, texts, 5)
+    # The first chunk is exactly what the reference pipeline feeds the encoder.
+    assert chunks[:, 0].tolist() == ref(texts, padding="max_length", max_length=77, truncation=True)["input_ids"]
     # "!" is tokenizer_2's (special) pad token: transformers cuts it out as id 0.
-    assert ours.encode("hi!") == ([1883, 256] if which == 0 else [1883, 0])
+    assert ours("hi!", add_special_tokens=False)["input_ids"] == ([1883, 256] if which == 0 else [1883, 0])
 
 
-def test_tokenizer_folders(tmp_path):
-    """SDXL's published tokenizer_2 config (mixed `normalized` flags) read by us and by transformers, and the
-    tokenizer.json-only folder transformers 5 writes."""
+def test_tokenizer_folders(tiny, published, tmp_path):
+    """CLIPTokenizer.from_pretrained on SDXL's published tokenizer_2 config (mixed `normalized` flags) and on the
+    tokenizer.json-only folder transformers 5 writes; DualCLIP.save_pretrained's folders as transformers reads
+    them."""
     folder = tmp_path / "tokenizer_2"
-    CLIPTokenizer.default().save_pretrained(folder)
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        (folder / name).write_bytes((published["root"] / "tokenizer" / name).read_bytes())
     flags = {"lstrip": False, "rstrip": False, "single_word": False, "special": True}
     config = {
         "added_tokens_decoder": {"0": {"content": "!", "normalized": False, **flags},
@@ -98,19 +136,20 @@ def test_tokenizer_folders(tmp_path):
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         "pad_token": "!", "do_lower_case": True, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "special_tokens_map.json").unlink()
     ours, ref = CLIPTokenizer.from_pretrained(folder), HFTokenizer.from_pretrained(folder)
-    resaved = tmp_path / "v5"
-    ref.save_pretrained(resaved)
-    assert not (resaved / "vocab.json").exists()
-    ours_v5 = CLIPTokenizer.from_pretrained(resaved)
-    ours.save_pretrained(tmp_path / "ours")
-    ref_ours = HFTokenizer.from_pretrained(tmp_path / "ours")
-    for text in STRINGS + _fuzz(150, seed=7):
-        expected = ref(text, add_special_tokens=False)["input_ids"]
-        assert ours.encode(text) == ours_v5.encode(text) == expected, repr(text)
-        assert ref_ours(text, add_special_tokens=False)["input_ids"] == expected, repr(text)
-    assert ours.encode("<|STARTOFTEXT|>") == [49406]  # normalized=True: matched after lower-casing
+    ref.save_pretrained(tmp_path / "v5")
+    assert not (tmp_path / "v5" / "vocab.json").exists()
+    ours_v5 = CLIPTokenizer.from_pretrained(tmp_path / "v5")
+    tiny.save_pretrained(tmp_path / "model")
+    saved = [HFTokenizer.from_pretrained(tmp_path / "model" / sub) for sub in ("tokenizer", "tokenizer_2")]
+    assert [t.pad_token_id for t in saved] == [49407, 0] and {t.model_max_length for t in saved} == {77}
+    texts = STRINGS + _fuzz(150, seed=7)
+    expected = ref(texts, add_special_tokens=False)["input_ids"]
+    assert ours(texts, add_special_tokens=False)["input_ids"] == expected
+    assert ours_v5(texts, add_special_tokens=False)["input_ids"] == expected
+    for saved_tok, reference in zip(saved, (published["tokenizer"], published["tokenizer_2"])):
+        assert saved_tok(texts)["input_ids"] == reference(texts)["input_ids"]
+    assert ours("<|STARTOFTEXT|>", add_special_tokens=False)["input_ids"] == [49406]  # normalized=True
     assert ours.pad_token_id == 0
     with pytest.raises(FileNotFoundError):
         CLIPTokenizer.from_pretrained(tmp_path / "missing")
@@ -161,12 +200,7 @@ def test_long_prompt_chunks(tiny, hf_tokenizers, pipe):
     # Oracle: each 75-token chunk through the transformers models by hand, BOS/EOS/pad from transformers.
     parts = []
     for tok, model in zip(hf_tokenizers, (tiny.text_encoder.text_model, tiny.text_encoder_2)):
-        rows = []
-        for prompt in prompts:
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            for i in range(k):
-                part = ids[75 * i:75 * (i + 1)]
-                rows.append([tok.bos_token_id, *part, tok.eos_token_id] + [tok.pad_token_id] * (75 - len(part)))
+        rows = [row for per_prompt in _rows(tok, prompts, k) for row in per_prompt]
         hidden = model(torch.tensor(rows), output_hidden_states=True).hidden_states[-2]  # (2k, 77, C)
         parts.append(torch.stack([torch.cat(list(chunks)) for chunks in hidden.split(k)]))  # (2, 77k, C)
     expected = [torch.cat(parts, dim=-1)]
