@@ -1,32 +1,14 @@
 """Every key mapping between weight layouts, in one place: the original single file <-> diffusers names.
 
-The original layout is the one of `sd_xl_base_1.0.safetensors` / `sd_xl_refiner_1.0.safetensors` (Stability's
-generative-models "SGM", ldm names): one file, components under fixed prefixes:
-
-    model.diffusion_model.                  UNet (input_blocks / middle_block / output_blocks)
-    first_stage_model.                      VAE (encoder.down.i.block.j, decoder.up.(n-1-i), mid.attn_1 ...)
-    conditioner.embedders.0.transformer.    CLIP-L, transformers' names (base only)
-    conditioner.embedders.1.model.          OpenCLIP bigG (base); conditioner.embedders.0.model. in the refiner
-
-Each mapping is a table of (original prefix, diffusers prefix) pairs generated from the structure (UNetConfig,
-or layer counts read from the keys) and applied by longest-prefix replacement; the inverse direction uses the
-same table flipped. Besides renames there are three tensor transforms, all views but the first:
-- bigG attention: OpenCLIP packs q, k, v into `attn.in_proj_weight/bias` (3C, C) / (3C,): cat to write,
-  chunk to read;
-- bigG `text_projection` is stored transposed, (C, P), as `x @ P` in OpenCLIP, vs Linear's (P, C);
-- VAE mid attention q/k/v/proj_out are 1x1 convs (C, C, 1, 1) in the original layout, Linear (C, C) here.
-
-Every function returns a new dict of the same tensors (or views of them); a key no table maps raises ValueError
-naming it. Dropped on read, documented:
-- `...text_model.embeddings.position_ids` (a derivable buffer) and bigG's `logit_scale` (CLIP's contrastive
-  temperature, unused for text conditioning);
-- `model_ema.*` (EMA copies in training checkpoints; like diffusers' default we take the non-EMA weights),
-  `denoiser.*` (SGM's derived sigma buffers) and ldm's derivable noise-schedule buffers (`alphas_cumprod` ...).
-Written back so that files look like the published ones (2515 tensors for sdxl-base): CLIP-L's `position_ids`
-(int64 (1, 77), as published) and bigG's `logit_scale` = ln(100) as a 0-dim tensor (the published value, 4.6055
-in fp16). diffusers' single-file converter ignores both; tools that check for them (e.g. SDXL "fix clip"
-scripts, ComfyUI's savers) find them.
-"""
+The original layout (`sd_xl_base_1.0` / `sd_xl_refiner_1.0.safetensors`, Stability's ldm names) is one file:
+`model.diffusion_model.` UNet, `first_stage_model.` VAE, `conditioner.embedders.0.transformer.` CLIP-L (transformers'
+names; base only), `conditioner.embedders.1.model.` OpenCLIP bigG (`.0.model.` in the refiner). Each mapping is a
+table of (original prefix, diffusers prefix) pairs built from the structure, applied by longest-prefix replacement
+either way; an unmapped key raises ValueError naming it. Beyond renames (views all but the first): bigG packs q, k, v
+in `attn.in_proj_weight/bias` and stores `text_projection` transposed (C, P); the VAE's mid attention q/k/v/proj_out
+are 1x1 convs. Dropped on read: `model_ema.*` (as diffusers), `denoiser.*`, ldm's schedule buffers, `position_ids`
+and `logit_scale`; tools look for the last two (SDXL "fix clip" scripts, ComfyUI's savers), so they are written back
+as published: int64 (1, 77) and ln(100) (2515 tensors for sdxl-base)."""
 from __future__ import annotations
 
 import functools
@@ -56,93 +38,77 @@ _DROPPED_KEYS = frozenset({
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2"})
 
 
-# --------------------------------------------------------------------------------------------------- the engine
-
-def _lookup(table: Table, to_original: bool) -> dict[str, str]:
+@functools.lru_cache(maxsize=32)  # one dict per table and direction
+def _lookup(table_fn, *args, to_original: bool) -> dict[str, str]:
+    table = table_fn(*args)
     pairs = {d: o for o, d in table} if to_original else dict(table)
-    if len(pairs) != len(table):
-        raise AssertionError("a conversion table must be one-to-one")  # a bug here, not bad input
+    assert len(pairs) == len(table), "a conversion table must be one-to-one"  # a bug here, not bad input
     return pairs
 
 
 def _rename(key: str, lookup: dict[str, str], what: str) -> str:
-    """Replace the longest prefix of `key` (cut at a dot) that the table knows."""
-    if key in lookup:
-        return lookup[key]
+    """Replace the longest prefix of `key` that the table knows: the whole key, or cut after a dot."""
     i = len(key)
-    while (i := key.rfind(".", 0, i)) > 0:
-        dst = lookup.get(key[:i + 1])
-        if dst is not None:
-            return dst + key[i + 1:]
+    while i > 0:
+        if (dst := lookup.get(key[:i])) is not None:
+            return dst + key[i:]
+        i = key.rfind(".", 0, i - 1) + 1
     raise ValueError(f"{what}: no mapping for key {key!r}")
 
 
-def _strip(key: str, prefix: str, what: str, optional: bool = False) -> str:
-    if key.startswith(prefix):
-        return key[len(prefix):]
-    if optional:
-        return key
-    raise ValueError(f"{what}: key {key!r} is not under {prefix!r}")
+def _strip(key: str, prefix: str, what: str) -> str:
+    if not key.startswith(prefix):
+        raise ValueError(f"{what}: key {key!r} is not under {prefix!r}")
+    return key[len(prefix):]
+
+
+def _under(orig: str, diff: str, pairs) -> Table:
+    """The (original, diffusers) `pairs` of a module's children under its two prefixes."""
+    return [(orig + o, diff + d) for o, d in pairs]
 
 
 def _count(keys, prefix: str) -> int:
     """1 + the largest index N among keys `prefix + "N." ...` (0 if none): layers, blocks, levels."""
-    n = 0
-    for k in keys:
-        if k.startswith(prefix):
-            head = k[len(prefix):].split(".", 1)[0]
-            if head.isdigit():
-                n = max(n, int(head) + 1)
-    return n
+    heads = (k[len(prefix):].split(".", 1)[0] for k in keys if k.startswith(prefix))
+    return max((int(h) + 1 for h in heads if h.isdigit()), default=0)
 
-
-# ----------------------------------------------------------------------------------------------------- UNet
 
 _UNET_RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
                 ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
 
 
-def _unet_resnet(orig: str, diff: str) -> Table:
-    return [(orig + o, diff + d) for o, d in _UNET_RESNET]
-
-
 def _unet_attention(orig: str, diff: str, depth: int) -> Table:
     # Transformer internals keep their names; listing them (not just the prefix) rejects extra blocks.
     inner = ["norm.", "proj_in.", "proj_out."] + [f"transformer_blocks.{t}." for t in range(depth)]
-    return [(orig + s, diff + s) for s in inner]
+    return _under(orig, diff, zip(inner, inner))
 
 
-@functools.lru_cache(maxsize=8)
 def unet_table(cfg: UNetConfig) -> Table:
-    """(original, diffusers) prefixes of every UNet module, without `model.diffusion_model.`.
-
-    Original numbering: input_blocks.0 is conv_in, then per level `layers_per_block` blocks [resnet (, attention)]
-    and, except at the last level, one downsampler block; middle_block.0/1/2 = resnet, attention, resnet;
-    output_blocks: per level (deepest first) `layers_per_block + 1` blocks [resnet (, attention)], the level's
-    last block also holding the upsampler, at index 2 after an attention and 1 without one.
-    """
+    """(original, diffusers) prefixes of every UNet module, without `model.diffusion_model.`. Original numbering:
+    input_blocks.0 is conv_in, then per level `layers_per_block` blocks [resnet (, attention)] and, but at the last
+    level, a downsampler block; middle_block.0/1/2 = resnet, attention, resnet; output_blocks: per level (deepest
+    first) `layers_per_block + 1` such blocks, the last also holding the upsampler (index 2, or 1 without attention)."""
     n, L = len(cfg.block_out_channels), cfg.layers_per_block
-    table: Table = [("input_blocks.0.0.", "conv_in."),
+    table: Table = [("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out."),
                     ("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-                    ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),
-                    ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+                    ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
     idx = 1
     for b, depth in enumerate(cfg.transformer_depth):
         for j in range(L):
-            table += _unet_resnet(f"input_blocks.{idx}.0.", f"down_blocks.{b}.resnets.{j}.")
+            table += _under(f"input_blocks.{idx}.0.", f"down_blocks.{b}.resnets.{j}.", _UNET_RESNET)
             if depth:
                 table += _unet_attention(f"input_blocks.{idx}.1.", f"down_blocks.{b}.attentions.{j}.", depth)
             idx += 1
         if b < n - 1:
             table.append((f"input_blocks.{idx}.0.op.", f"down_blocks.{b}.downsamplers.0.conv."))
             idx += 1
-    table += _unet_resnet("middle_block.0.", "mid_block.resnets.0.")
+    table += _under("middle_block.0.", "mid_block.resnets.0.", _UNET_RESNET)
     table += _unet_attention("middle_block.1.", "mid_block.attentions.0.", cfg.mid_transformer_depth)
-    table += _unet_resnet("middle_block.2.", "mid_block.resnets.1.")
+    table += _under("middle_block.2.", "mid_block.resnets.1.", _UNET_RESNET)
     idx = 0
     for b, depth in enumerate(reversed(cfg.transformer_depth)):
         for j in range(L + 1):
-            table += _unet_resnet(f"output_blocks.{idx}.0.", f"up_blocks.{b}.resnets.{j}.")
+            table += _under(f"output_blocks.{idx}.0.", f"up_blocks.{b}.resnets.{j}.", _UNET_RESNET)
             if depth:
                 table += _unet_attention(f"output_blocks.{idx}.1.", f"up_blocks.{b}.attentions.{j}.", depth)
             if j == L and b < n - 1:
@@ -151,19 +117,9 @@ def unet_table(cfg: UNetConfig) -> Table:
     return table
 
 
-@functools.lru_cache(maxsize=16)
-def _unet_lookup(cfg: UNetConfig, to_original: bool) -> dict[str, str]:
-    return _lookup(unet_table(cfg), to_original)
-
-
 def unet_key_to_original(key: str, cfg: UNetConfig) -> str:
-    """One diffusers parameter or module path ("down_blocks.1.attentions.0.proj_in.weight") -> the original path
-    without `model.diffusion_model.` (what kohya LoRA names are built from)."""
-    return _rename(key, _unet_lookup(cfg, True), "UNet")
-
-
-def unet_key_from_original(key: str, cfg: UNetConfig) -> str:
-    return _rename(key, _unet_lookup(cfg, False), "UNet (original layout)")
+    """A diffusers parameter name -> the original one without `model.diffusion_model.` (kohya LoRA names' base)."""
+    return _rename(key, _lookup(unet_table, cfg, to_original=True), "UNet")
 
 
 def unet_to_original(sd: StateDict, cfg: UNetConfig) -> StateDict:
@@ -173,91 +129,75 @@ def unet_to_original(sd: StateDict, cfg: UNetConfig) -> StateDict:
 
 def unet_from_original(sd: StateDict, cfg: UNetConfig) -> StateDict:
     """Original UNet keys, with or without `model.diffusion_model.` -> diffusers names (same tensors)."""
-    return {unet_key_from_original(_strip(k, UNET_PREFIX, "UNet", optional=True), cfg): v for k, v in sd.items()}
+    lookup = _lookup(unet_table, cfg, to_original=False)
+    return {_rename(k.removeprefix(UNET_PREFIX), lookup, "UNet (original layout)"): v for k, v in sd.items()}
 
-
-# ------------------------------------------------------------------------------------------------------ VAE
 
 _VAE_RESNET = [(s, s) for s in ("norm1.", "conv1.", "norm2.", "conv2.")] + [("nin_shortcut.", "conv_shortcut.")]
 _VAE_ATTENTION = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
                   ("proj_out.", "to_out.0.")]
+_VAE_SIDE = [("conv_in.", "conv_in."), ("conv_out.", "conv_out."), ("norm_out.", "conv_norm_out."),
+             *_under("mid.block_1.", "mid_block.resnets.0.", _VAE_RESNET),
+             *_under("mid.block_2.", "mid_block.resnets.1.", _VAE_RESNET),
+             *_under("mid.attn_1.", "mid_block.attentions.0.", _VAE_ATTENTION)]  # of the encoder and the decoder
 # Linear weights in diffusers, (C, C, 1, 1) convs in the original layout.
 _VAE_CONV1X1 = frozenset(f"{side}.mid_block.attentions.0.{name}.weight" for side in ("encoder", "decoder")
                          for name in ("to_q", "to_k", "to_v", "to_out.0"))
 
 
-@functools.lru_cache(maxsize=8)
 def vae_table(levels: int, layers_per_block: int) -> Table:
     """(original, diffusers) prefixes of the VAE, without `first_stage_model.`. The decoder's levels are
     numbered from the lowest resolution in diffusers and from the highest in the original layout."""
-    table: Table = [(s, s) for s in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.",
-                                     "quant_conv.", "post_quant_conv.")]
-    table += [("encoder.norm_out.", "encoder.conv_norm_out."), ("decoder.norm_out.", "decoder.conv_norm_out.")]
-
-    def resnet(orig: str, diff: str) -> Table:
-        return [(orig + o, diff + d) for o, d in _VAE_RESNET]
-
-    for side in ("encoder", "decoder"):
-        table += resnet(f"{side}.mid.block_1.", f"{side}.mid_block.resnets.0.")
-        table += resnet(f"{side}.mid.block_2.", f"{side}.mid_block.resnets.1.")
-        table += [(f"{side}.mid.attn_1.{o}", f"{side}.mid_block.attentions.0.{d}") for o, d in _VAE_ATTENTION]
+    table: Table = [("quant_conv.", "quant_conv."), ("post_quant_conv.", "post_quant_conv."),
+                    *_under("encoder.", "encoder.", _VAE_SIDE), *_under("decoder.", "decoder.", _VAE_SIDE)]
     for i in range(levels):
         for j in range(layers_per_block):
-            table += resnet(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.")
+            table += _under(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.", _VAE_RESNET)
         for j in range(layers_per_block + 1):
-            table += resnet(f"decoder.up.{levels - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.")
+            table += _under(f"decoder.up.{levels - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.",
+                            _VAE_RESNET)
         if i < levels - 1:
             table.append((f"encoder.down.{i}.downsample.conv.", f"encoder.down_blocks.{i}.downsamplers.0.conv."))
             table.append((f"decoder.up.{levels - 1 - i}.upsample.conv.", f"decoder.up_blocks.{i}.upsamplers.0.conv."))
     return table
 
 
-def _vae_structure(keys, down: str, block: str, what: str) -> tuple[int, int]:
+def _vae_lookup(keys, down: str, block: str, what: str, to_original: bool) -> dict[str, str]:
     levels, layers = _count(keys, down), _count(keys, down + "0." + block)
     if not levels or not layers:
         raise ValueError(f"{what}: no encoder blocks ({down}N.{block}M.*) among the keys")
-    return levels, layers
+    return _lookup(vae_table, levels, layers, to_original=to_original)
 
 
 def vae_to_original(sd: StateDict) -> StateDict:
     """diffusers-named AutoencoderKL state dict -> `first_stage_model.*` original keys."""
-    lookup = _lookup(vae_table(*_vae_structure(sd, "encoder.down_blocks.", "resnets.", "VAE")), True)
-    out = {}
-    for k, v in sd.items():
-        if k in _VAE_CONV1X1 and v.ndim == 2:
-            v = v[:, :, None, None]  # (C, C) -> (C, C, 1, 1), a view
-        out[VAE_PREFIX + _rename(k, lookup, "VAE")] = v
-    return out
+    lookup = _vae_lookup(sd, "encoder.down_blocks.", "resnets.", "VAE", to_original=True)
+    return {VAE_PREFIX + _rename(k, lookup, "VAE"): v[:, :, None, None] if k in _VAE_CONV1X1 and v.ndim == 2 else v
+            for k, v in sd.items()}  # (C, C) -> (C, C, 1, 1), a view
 
 
 def vae_from_original(sd: StateDict) -> StateDict:
     """Original VAE keys, with or without `first_stage_model.` (standalone VAE files have none) -> diffusers."""
-    sd = {_strip(k, VAE_PREFIX, "VAE", optional=True): v for k, v in sd.items()}
-    lookup = _lookup(vae_table(*_vae_structure(sd, "encoder.down.", "block.", "VAE (original layout)")), False)
-    out = {}
-    for k, v in sd.items():
-        name = _rename(k, lookup, "VAE (original layout)")
-        if name in _VAE_CONV1X1 and v.ndim == 4:
-            v = v[:, :, 0, 0]  # (C, C, 1, 1) -> (C, C), a view
-        out[name] = v
-    return out
+    sd = {k.removeprefix(VAE_PREFIX): v for k, v in sd.items()}
+    lookup = _vae_lookup(sd, "encoder.down.", "block.", "VAE (original layout)", to_original=False)
+    out = {_rename(k, lookup, "VAE (original layout)"): v for k, v in sd.items()}
+    return {k: v[:, :, 0, 0] if k in _VAE_CONV1X1 and v.ndim == 4 else v for k, v in out.items()}  # a view
 
 
-# ------------------------------------------------------------------------------------------- text encoders
-
-# CLIP-L keeps transformers' names under the prefix; the table lists the top-level modules to reject strays.
-_CLIP_L_TABLE: Table = [(s, s) for s in ("text_model.embeddings.token_embedding.",
-                                         "text_model.embeddings.position_embedding.",
-                                         "text_model.encoder.layers.", "text_model.final_layer_norm.")]
 _POSITION_IDS = "text_model.embeddings.position_ids"
 
 
+def _clip_l_table() -> Table:
+    """CLIP-L keeps transformers' names under the prefix; listing the top-level modules rejects strays."""
+    return [(s, s) for s in ("text_model.embeddings.token_embedding.", "text_model.embeddings.position_embedding.",
+                             "text_model.encoder.layers.", "text_model.final_layer_norm.")]
+
+
 def clip_l_to_original(sd: StateDict, prefix: str = CLIP_L_PREFIX) -> StateDict:
-    """CLIP-L (`text_model.*`; transformers 5's CLIPTextModel keys without `text_model.` are accepted) ->
-    `conditioner.embedders.0.transformer.text_model.*`, with the published int64 `position_ids` (1, 77)."""
+    """CLIP-L `text_model.*` (or transformers 5's keys without it) -> `prefix` + them, with position_ids (1, 77)."""
     if not any(k.startswith("text_model.") for k in sd):
         sd = {"text_model." + k: v for k, v in sd.items()}
-    lookup = _lookup(_CLIP_L_TABLE, True)
+    lookup = _lookup(_clip_l_table, to_original=True)
     out = {prefix + _rename(k, lookup, "CLIP-L"): v for k, v in sd.items() if k != _POSITION_IDS}
     pos = sd.get("text_model.embeddings.position_embedding.weight")
     if pos is None:
@@ -268,13 +208,9 @@ def clip_l_to_original(sd: StateDict, prefix: str = CLIP_L_PREFIX) -> StateDict:
 
 def clip_l_from_original(sd: StateDict, prefix: str = CLIP_L_PREFIX) -> StateDict:
     """`conditioner.embedders.0.transformer.text_model.*` -> `text_model.*` (position_ids dropped)."""
-    lookup = _lookup(_CLIP_L_TABLE, False)
-    out = {}
-    for k, v in sd.items():
-        name = _strip(k, prefix, "CLIP-L")
-        if name != _POSITION_IDS:
-            out[_rename(name, lookup, "CLIP-L (original layout)")] = v
-    return out
+    lookup = _lookup(_clip_l_table, to_original=False)
+    sd = {_strip(k, prefix, "CLIP-L"): v for k, v in sd.items()}
+    return {_rename(k, lookup, "CLIP-L (original layout)"): v for k, v in sd.items() if k != _POSITION_IDS}
 
 
 _BIGG_LAYER = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
@@ -283,23 +219,20 @@ _QKV = re.compile(r"text_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\
 _IN_PROJ = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
 
 
-@functools.lru_cache(maxsize=8)
 def bigg_table(layers: int) -> Table:
-    """(OpenCLIP, transformers) names of the bigG text tower, without the `conditioner.embedders.*.model.`
-    prefix. q/k/v (packed in OpenCLIP) and the transposed `text_projection` are handled beside the table."""
+    """(OpenCLIP, transformers) names of the bigG text tower, without the prefix; q/k/v and text_projection aside."""
     table: Table = [("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
                     ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
                     ("ln_final.", "text_model.final_layer_norm.")]
     for i in range(layers):
-        table += [(f"transformer.resblocks.{i}.{o}", f"text_model.encoder.layers.{i}.{d}") for o, d in _BIGG_LAYER]
+        table += _under(f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}.", _BIGG_LAYER)
     return table
 
 
 def bigg_to_original(sd: StateDict, prefix: str = BIGG_PREFIX, logit_scale: float | None = LOGIT_SCALE) -> StateDict:
-    """CLIPTextModelWithProjection state dict -> OpenCLIP names under `prefix` (BIGG_PREFIX for sdxl-base,
-    BIGG_REFINER_PREFIX for the refiner). q/k/v are concatenated (the one copy), `text_projection` transposed
-    (a view), and `logit_scale` written as a 0-dim tensor unless None."""
-    lookup = _lookup(bigg_table(_count(sd, "text_model.encoder.layers.")), True)
+    """CLIPTextModelWithProjection state dict -> OpenCLIP names under `prefix` (BIGG_REFINER_PREFIX for the refiner);
+    q/k/v concatenated (the one copy), `text_projection` transposed, `logit_scale` a 0-dim tensor unless None."""
+    lookup = _lookup(bigg_table, _count(sd, "text_model.encoder.layers."), to_original=True)
     out, qkv = {}, {}
     for k, v in sd.items():
         if (m := _QKV.fullmatch(k)) is not None:
@@ -309,8 +242,7 @@ def bigg_to_original(sd: StateDict, prefix: str = BIGG_PREFIX, logit_scale: floa
         elif k != _POSITION_IDS:  # transformers 4 files carry the buffer; OpenCLIP has none
             out[prefix + _rename(k, lookup, "bigG")] = v
     for (i, kind), parts in sorted(qkv.items()):
-        missing = [f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv" if p not in parts]
-        if missing:
+        if missing := [f"text_model.encoder.layers.{i}.self_attn.{p}_proj.{kind}" for p in "qkv" if p not in parts]:
             raise ValueError(f"bigG: missing key {missing[0]!r} (q, k and v are packed together)")
         out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts[p] for p in "qkv"])
     if logit_scale is not None:
@@ -324,7 +256,7 @@ def bigg_to_original(sd: StateDict, prefix: str = BIGG_PREFIX, logit_scale: floa
 def bigg_from_original(sd: StateDict, prefix: str = BIGG_PREFIX) -> StateDict:
     """OpenCLIP bigG keys under `prefix` -> CLIPTextModelWithProjection names; in_proj split into views."""
     sd = {_strip(k, prefix, "bigG"): v for k, v in sd.items()}
-    lookup = _lookup(bigg_table(_count(sd, "transformer.resblocks.")), False)
+    lookup = _lookup(bigg_table, _count(sd, "transformer.resblocks."), to_original=False)
     out = {}
     for k, v in sd.items():
         if (m := _IN_PROJ.fullmatch(k)) is not None:
@@ -339,38 +271,26 @@ def bigg_from_original(sd: StateDict, prefix: str = BIGG_PREFIX) -> StateDict:
     return out
 
 
-# ------------------------------------------------------------------------------------------ the whole file
-
 def _reject(what: str, key: str) -> NoReturn:
     raise ValueError(f"not an SDXL original-layout file: {what} (key {key!r})")
 
 
 def detect_original(sd: StateDict) -> str:
-    """Which SDXL model an original-layout file holds: "sdxl-base" or "sdxl-refiner"; ValueError naming the
-    family (SD1.x, SD2.x, FLUX, SD3, a LoRA, a UNet-only or diffusers-named file ...) otherwise.
-
-    Base carries CLIP-L at conditioner.embedders.0.transformer. and bigG at conditioner.embedders.1.model.; the
-    refiner only bigG, at conditioner.embedders.0.model. (diffusers tells them apart by
-    `conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias`, which implies the same prefixes).
-    """
+    """"sdxl-base" (bigG at conditioner.embedders.1.model., with CLIP-L) or "sdxl-refiner" (bigG at .0.model.), as
+    diffusers tells them apart; otherwise ValueError naming what the file is (SD1.x, SD2.x, FLUX, a LoRA ...)."""
     if not sd:
         raise ValueError("not an SDXL original-layout file: no tensors")
     keys = list(sd)
-    for k in keys:
-        if "double_blocks." in k or "single_blocks." in k:
-            _reject("a FLUX transformer", k)
-        if "joint_blocks." in k:
-            _reject("an SD3 (MMDiT) transformer", k)
-    for k in keys:
-        if k.startswith("cond_stage_model.model."):
-            _reject("an SD2.x checkpoint (OpenCLIP ViT-H text encoder at cond_stage_model.model.)", k)
-        if k.startswith("cond_stage_model.transformer."):
-            attn2 = sd.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
-            width = f", cross-attention {attn2.shape[-1]}" if attn2 is not None else ""
-            _reject(f"an SD1.x checkpoint (CLIP-L text encoder at cond_stage_model.transformer.{width})", k)
-    for k in keys:
-        if k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k:
-            _reject("a LoRA file", k)
+    attn2 = sd.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    width = f", cross-attention {attn2.shape[-1]}" if attn2 is not None else ""
+    for what, pattern in [  # other families, each by a key only it has
+            ("a FLUX transformer", r"(double|single)_blocks\."), ("an SD3 (MMDiT) transformer", r"joint_blocks\."),
+            ("an SD2.x checkpoint (OpenCLIP ViT-H text encoder at cond_stage_model.model.)",
+             r"^cond_stage_model\.model\."),
+            (f"an SD1.x checkpoint (CLIP-L text encoder at cond_stage_model.transformer.{width})",
+             r"^cond_stage_model\.transformer\."), ("a LoRA file", r"^lora_(unet_|te)|\.lora_(down|A)\.")]:
+        if (k := next((k for k in keys if re.search(pattern, k)), None)) is not None:
+            _reject(what, k)
     has = {p: any(k.startswith(p) for k in keys)
            for p in (UNET_PREFIX, VAE_PREFIX, CLIP_L_PREFIX, BIGG_PREFIX, BIGG_REFINER_PREFIX)}
     if not has[UNET_PREFIX]:
@@ -385,20 +305,12 @@ def detect_original(sd: StateDict) -> str:
         _reject("no model.diffusion_model. (UNet) keys", k)
     if UNET_PREFIX + "label_emb.0.0.weight" not in sd:
         _reject("a UNet without SDXL's text_time embedding (label_emb), an SD1.x/2.x UNet?", UNET_PREFIX)
-    if has[BIGG_PREFIX]:
-        kind, need = "sdxl-base", (VAE_PREFIX, CLIP_L_PREFIX)
-    elif has[BIGG_REFINER_PREFIX]:
-        kind, need = "sdxl-refiner", (VAE_PREFIX,)
-    else:
+    if not (has[BIGG_PREFIX] or has[BIGG_REFINER_PREFIX]):
         _reject("a UNet-only SDXL file: no bigG text encoder (conditioner.embedders.*.model.)", keys[0])
-    for p in need:
-        if not has[p]:
-            _reject(f"an incomplete {kind} file: no {p} keys", keys[0])
+    kind, need = ("sdxl-base", (VAE_PREFIX, CLIP_L_PREFIX)) if has[BIGG_PREFIX] else ("sdxl-refiner", (VAE_PREFIX,))
+    if missing := [p for p in need if not has[p]]:
+        _reject(f"an incomplete {kind} file: no {missing[0]} keys", keys[0])
     return kind
-
-
-def _dropped(key: str) -> bool:
-    return key.startswith(_DROPPED_PREFIXES) or key in _DROPPED_KEYS
 
 
 def split_original(sd: StateDict, unet_cfg: UNetConfig | None = None) -> dict[str, StateDict | None]:
@@ -408,14 +320,11 @@ def split_original(sd: StateDict, unet_cfg: UNetConfig | None = None) -> dict[st
     refiner = kind == "sdxl-refiner"
     cfg = unet_cfg or (SDXL_REFINER if refiner else SDXL_BASE).unet
     bigg = BIGG_REFINER_PREFIX if refiner else BIGG_PREFIX
-    parts: dict[str, StateDict] = {UNET_PREFIX: {}, VAE_PREFIX: {}, bigg: {}}
-    if not refiner:
-        parts[CLIP_L_PREFIX] = {}
+    parts = {p: {} for p in (UNET_PREFIX, VAE_PREFIX, bigg, None if refiner else CLIP_L_PREFIX) if p}
     for k, v in sd.items():
-        prefix = next((p for p in parts if k.startswith(p)), None)
-        if prefix is not None:
+        if (prefix := next((p for p in parts if k.startswith(p)), None)) is not None:
             parts[prefix][k] = v
-        elif not _dropped(k):
+        elif not (k.startswith(_DROPPED_PREFIXES) or k in _DROPPED_KEYS):
             raise ValueError(f"{kind} file: unexpected key {k!r}")
     return {"unet": unet_from_original(parts[UNET_PREFIX], cfg),
             "vae": vae_from_original(parts[VAE_PREFIX]),
@@ -429,16 +338,11 @@ def join_original(components: dict[str, StateDict | None], refiner: bool,
     if not isinstance(refiner, bool):
         raise TypeError(f"join_original(components, refiner: bool, unet_cfg=None): refiner is {type(refiner).__name__}")
     cfg = unet_cfg or (SDXL_REFINER if refiner else SDXL_BASE).unet
-    for name in ("unet", "vae", "text_encoder_2"):
-        if components.get(name) is None:
-            raise ValueError(f"join_original: no {name} state dict given")
-    if refiner and components.get("text_encoder") is not None:
-        raise ValueError("the refiner layout has no CLIP-L: text_encoder must be None")
-    if not refiner and components.get("text_encoder") is None:
-        raise ValueError("the sdxl-base layout needs text_encoder (CLIP-L)")
-    out = unet_to_original(components["unet"], cfg)
-    out.update(vae_to_original(components["vae"]))
-    if not refiner:
-        out.update(clip_l_to_original(components["text_encoder"]))
-    out.update(bigg_to_original(components["text_encoder_2"], BIGG_REFINER_PREFIX if refiner else BIGG_PREFIX))
-    return out
+    if (missing := next((n for n in ("unet", "vae", "text_encoder_2") if components.get(n) is None), None)):
+        raise ValueError(f"join_original: no {missing} state dict given")
+    if refiner != (components.get("text_encoder") is None):
+        raise ValueError("the refiner layout has no CLIP-L: text_encoder must be None" if refiner
+                         else "the sdxl-base layout needs text_encoder (CLIP-L)")
+    clip_l = {} if refiner else clip_l_to_original(components["text_encoder"])
+    return {**unet_to_original(components["unet"], cfg), **vae_to_original(components["vae"]), **clip_l,
+            **bigg_to_original(components["text_encoder_2"], BIGG_REFINER_PREFIX if refiner else BIGG_PREFIX)}

@@ -7,6 +7,7 @@ transformers' CLIP towers) get random weights, every tensor perturbed so that no
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from sdxl.convert import (BIGG_PREFIX, BIGG_REFINER_PREFIX, bigg_from_original, 
                           vae_to_original)
 from sdxl.unet import UNet
 from sdxl.vae import AutoencoderKL
-from sdxl.weights import save_safetensors
+from sdxl.weights import atomic_path, save_safetensors
 
 # As tests/test_unet.py: four levels, attention only at levels 1-2, 5 time ids, bigG only.
 REFINER_LIKE = UNetConfig(block_out_channels=(32, 64, 64, 64), transformer_depth=(0, 2, 2, 0),
@@ -375,3 +376,31 @@ def test_unknown_keys_raise_and_documented_extras_are_dropped():
     split = split_original(dict(joined, **extras), TINY.unet)
     for name, part in parts.items():
         assert_same(split[name], part)
+
+
+# ------------------------------------------------------------------------ atomic writes (sdxl/weights.py)
+
+def test_atomic_path_replaces_whole_or_leaves_the_old_state(tmp_path):
+    path = tmp_path / "sub" / "w.safetensors"
+    save_safetensors({"a": torch.ones(2)}, path)  # parents created
+    old = path.read_bytes()
+    with pytest.raises(AttributeError):  # a failed save leaves the old file
+        save_safetensors({"a": torch.zeros(2), "b": "not a tensor"}, path)
+    assert path.read_bytes() == old and sorted(p.name for p in path.parent.iterdir()) == ["w.safetensors"]
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == old and sorted(p.name for p in path.parent.iterdir()) == ["w.safetensors"]
+    save_safetensors({"a": torch.full((3,), 2.0)}, path, metadata={"k": "v"})
+    assert torch.equal(load_file(path)["a"], torch.full((3,), 2.0))
+
+    folder = tmp_path / "step_000001"  # a folder written whole replaces the one there (checkpoints)
+    (tmp_path / f"step_000001.{os.getpid()}.tmp").mkdir()  # a stale temp of this process: cleared first
+    (tmp_path / f"step_000001.{os.getpid()}.tmp" / "stale").write_text("x")
+    for n in (1, 2):
+        with atomic_path(folder) as tmp:
+            assert tmp.parent == folder.parent and not tmp.exists()
+            tmp.mkdir()
+            (tmp / f"file{n}").write_text("x")
+    assert sorted(p.name for p in folder.iterdir()) == ["file2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "sub"]

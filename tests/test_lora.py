@@ -26,6 +26,7 @@ import sdxl
 from sdxl import lora
 from sdxl.config import SDXL_BASE
 from sdxl.model import build_model
+from sdxl.weights import CheckpointError
 
 TOL = 1e-4  # max |ours - reference| on outputs of order 1
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -212,7 +213,7 @@ def test_kohya_variants_load_back_with_the_same_outputs(tiny, tmp_path):
         want = _ours(model, i)
     finally:
         net.remove()
-    sd = lora.lora_state_dict(net)
+    sd = net.state_dict()
     path = tmp_path / "kohya.safetensors"
     lora.save_lora(path, net, dtype=torch.float32)
     # diffusers-named kohya keys (some SDXL trainers) and SD1-style `lora_te_` for CLIP-L.
@@ -534,7 +535,7 @@ def test_loha_network_saves_lycoris_keys_and_loads_back(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------- targets, counts, training
 
-def test_target_modes_and_param_groups(tiny):
+def test_target_modes_and_training(tiny):
     model, _ = tiny
     paths = lambda net: {t.path.rsplit(".", 1)[-1] if "to_out" not in t.path else "to_out.0"  # noqa: E731
                          for t in net.targets.values() if t.component == "unet"}
@@ -552,10 +553,7 @@ def test_target_modes_and_param_groups(tiny):
 
     net = lora.inject(model, "attention", rank=4, text_encoders=True, dropout=0.1)
     try:
-        groups = net.param_groups(unet_lr=1e-4, text_lr=5e-5, text_2_lr=2e-5)
-        assert [(g["name"], g["lr"]) for g in groups] == [("unet", 1e-4), ("text_encoder", 5e-5),
-                                                         ("text_encoder_2", 2e-5)]
-        assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+        assert {t.component for t in net.targets.values()} == {"unet", "text_encoder", "text_encoder_2"}
         te_paths = {t.path.split(".", 4)[-1] for t in net.targets.values() if t.component == "text_encoder_2"}
         assert te_paths == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                             "mlp.fc1", "mlp.fc2"}
@@ -578,7 +576,7 @@ def test_trainable_parameter_counts_for_sdxl_base():
     to_q/k/v of the 70 transformer blocks' self- and cross-attention."""
     with torch.device("meta"):
         model = build_model(SDXL_BASE)
-    counts = {mode: lora.num_parameters(lora.inject(model.unet, mode, rank=4, attach=False))
+    counts = {mode: sum(p.numel() for p in lora.inject(model.unet, mode, rank=4, attach=False).parameters())
               for mode in ("attention", "attention_out", "all", "conv", "all+conv")}
     assert counts == {"attention": 4_474_880, "attention_out": 5_806_080, "all": 10_639_360, "conv": 1_515_520,
                       "all+conv": 12_154_880}
@@ -587,7 +585,8 @@ def test_trainable_parameter_counts_for_sdxl_base():
     per_block = lambda C: 4 * (3 * 2 * C + 2 * C + 2 * (2048 + C))  # noqa: E731
     assert counts["attention"] == 10 * per_block(640) + 60 * per_block(1280)
     net = lora.inject(model, "attention", rank=4, text_encoders=True, attach=False)
-    groups = {g["name"]: sum(p.numel() for p in g["params"]) for g in net.param_groups(1.0)}
+    groups = {c: sum(p.numel() for n, a in net.named_children() if net.targets[n].component == c
+                     for p in a.parameters()) for c in lora.KOHYA_PREFIX}
     # CLIP-L: 12 layers x (4 x r(768+768) + 2 x r(768+3072)); bigG: 32 x (4 x r(2*1280) + 2 x r(1280+5120)).
     assert groups == {"unet": 4_474_880, "text_encoder": 663_552, "text_encoder_2": 2_949_120}
     assert groups["text_encoder"] == 12 * 4 * (4 * 1536 + 2 * 3840)
@@ -636,3 +635,68 @@ def test_foreign_loras_are_refused_with_one_line_and_nothing_applied(tiny, tmp_p
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert _lora_hooks(model) == 0
     assert math.isfinite(after["conv_in.weight"].sum().item())
+
+
+# ------------------------------------------------------------------------------------------- model families
+
+def _pixel_inputs(seed: int = 9):
+    i = _inputs(seed)
+    return dict(i, x=torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(seed)))  # 64 px, 16 px patches
+
+
+def test_pixel_lora_round_trips_and_families_are_kept_apart(tiny, tmp_path):
+    """The pixel UNet's body has the latent UNet's module names, so a LoRA of one family would load into the
+    other without complaint: the family recorded in the file (none: latent) is what refuses it."""
+    model, _ = tiny
+    torch.manual_seed(0)
+    pixel = sdxl.load_model("pixel-tiny")
+    fresh = copy.deepcopy(pixel)
+    i = _pixel_inputs()
+    base = _ours(pixel, i)
+    attn = lora.inject(pixel, "attention_out", attach=False)
+    assert attn.targets and not any(t.path.startswith(("encoder.", "decoder.")) for t in attn.targets.values())
+    net = _trained_lora(pixel)  # all+conv: the codec's convs too (LoCon, their own kohya names), text encoders
+    assert {"lora_unet_encoder_conv_in", "lora_unet_encoder_resnets_0_conv1", "lora_unet_decoder_conv_out",
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"} <= set(net.targets)
+    assert sum(n.startswith(("lora_unet_encoder_", "lora_unet_decoder_")) for n in net.targets) == \
+        sum(isinstance(m, nn.Conv2d) for m in [*pixel.unet.encoder.modules(), *pixel.unet.decoder.modules()])
+    try:
+        want = _ours(pixel, i)
+    finally:
+        net.remove()
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(want, base))
+    path = tmp_path / "pixel.safetensors"
+    lora.save_lora(path, net)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["sdxl_mini_family"] == "pixel"
+    for merge in (True, False):
+        loaded = lora.load_lora(fresh, path, merge=merge)
+        try:
+            assert _max_diff(_ours(fresh, i), want) <= 1e-5
+        finally:
+            loaded.remove()
+    assert _max_diff(_ours(fresh, i), base) <= 1e-5
+
+    # A latent attention LoRA: every module name exists in the pixel body (tiny has no attention at level 0).
+    latent = lora.inject(model, "attention_out", attach=False)
+    _randomise(latent)
+    assert set(latent.targets) <= set(lora._layers(pixel))
+    written = tmp_path / "latent.safetensors"
+    lora.save_lora(written, latent)
+    third_party = tmp_path / "third_party.safetensors"  # no metadata at all, as most files in the wild
+    save_file(latent.state_dict(), str(third_party))
+    before = {k: v.clone() for k, v in fresh.unet.state_dict().items()}
+    for file, target in ((written, fresh), (third_party, fresh), (third_party, fresh.unet)):
+        with pytest.raises(CheckpointError) as e:
+            lora.load_lora(target, file)
+        assert str(e.value) == f"{file}: a LoRA for a latent SDXL UNet; this model is a pixel SDXL"
+    assert all(torch.equal(v, before[k]) for k, v in fresh.unet.state_dict().items())
+    assert _lora_hooks(fresh) == 0
+
+    # And the pixel file on a latent model (its codec names would be refused anyway: try the body alone too).
+    body = tmp_path / "pixel_body.safetensors"
+    lora.save_lora(body, lora.inject(fresh, "attention_out", attach=False))
+    for file in (path, body):
+        with pytest.raises(CheckpointError, match=r"a LoRA for a pixel SDXL UNet; this model is a latent SDXL$"):
+            lora.load_lora(model, file)
+    assert _lora_hooks(model) == 0
