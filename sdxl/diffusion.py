@@ -1,13 +1,12 @@
-"""The diffusion math shared by training and sampling: noise schedules, parameterisations, loss weights,
-timestep sampling. Small pure tensor functions; each docstring states its formula.
+"""The diffusion math shared by training and sampling: schedules, parameterisations, loss weights, timesteps.
 
-Conventions. DDPM ("variance preserving"): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with abar_t the
-cumulative product of (1 - beta) over the 1000 training steps; the same point on the "sigma scale" the samplers use
-is x_t / sqrt(abar_t) = x0 + sigma_t eps with sigma_t = sqrt((1 - abar_t) / abar_t). Flow matching (SD3):
-x_s = (1 - s) x0 + s noise with s in [0, 1] (1 = pure noise), the network predicts the velocity noise - x0.
-`abar` arguments are a scalar or one value per batch row; they broadcast over the other dimensions.
+DDPM: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, abar_t = prod (1 - beta) over the training steps; on the
+samplers' "sigma scale" x_t / sqrt(abar_t) = x0 + sigma_t eps, sigma_t = sqrt((1 - abar_t) / abar_t). Flow (SD3):
+x_s = (1 - s) x0 + s noise, s in [0, 1] (1 = noise), velocity noise - x0. `abar` is a scalar or one per batch row.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -15,17 +14,13 @@ from torch import Tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Schedules
+# ------------------------------------------------------------------------------------------------------- schedules
 
 
 def get_betas(schedule: str = "scaled_linear", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
               beta_end: float = 0.012) -> Tensor:
-    """The DDPM betas, float32 as diffusers builds them.
-
-    linear:        beta_i = linspace(beta_start, beta_end, T)_i
-    scaled_linear: beta_i = linspace(sqrt(beta_start), sqrt(beta_end), T)_i ^ 2   (SD / SDXL)
-    """
+    """The DDPM betas, float32 as diffusers builds them: linear = linspace(beta_start, beta_end, T), scaled_linear
+    (SD / SDXL) = linspace(sqrt(beta_start), sqrt(beta_end), T)^2."""
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     if schedule == "scaled_linear":
@@ -34,27 +29,18 @@ def get_betas(schedule: str = "scaled_linear", num_train_timesteps: int = 1000, 
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Betas whose last abar is exactly 0 (arXiv 2305.08891, Algorithm 1).
-
-    With a = sqrt(abar): a' = (a - a_T) * a_0 / (a_0 - a_T), so a'_T = 0 and a'_0 = a_0; then
-    abar' = a'^2 and beta'_t = 1 - abar'_t / abar'_{t-1} (beta'_0 = 1 - abar'_0).
-    """
+    """Betas whose last abar is exactly 0 (arXiv 2305.08891, Algorithm 1): with a = sqrt(abar),
+    a' = (a - a_T) * a_0 / (a_0 - a_T), abar' = a'^2, beta'_t = 1 - abar'_t / abar'_{t-1} (beta'_0 = 1 - abar'_0)."""
     a = torch.cumprod(1.0 - betas, dim=0).sqrt()
     a0, aT = a[0].clone(), a[-1].clone()
-    a = (a - aT) * (a0 / (a0 - aT))
-    abar = a**2
-    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
-    return 1.0 - alphas
+    abar = ((a - aT) * (a0 / (a0 - aT))) ** 2
+    return 1.0 - torch.cat([abar[:1], abar[1:] / abar[:-1]])
 
 
-def get_alphas_cumprod(schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
-                       beta_start: float = 0.00085, beta_end: float = 0.012,
-                       zero_terminal_snr: bool = False) -> Tensor:
-    """abar_t = prod_{i <= t} (1 - beta_i), float32 (T,). The defaults are SDXL's training schedule.
-
-    With zero_terminal_snr the last value is exactly 0 (sigma infinite): the samplers clamp it to 2^-24 as
-    diffusers' inference schedulers do; training uses it as is.
-    """
+def get_alphas_cumprod(schedule: str = "scaled_linear", num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                       beta_end: float = 0.012, zero_terminal_snr: bool = False) -> Tensor:
+    """abar_t = prod_{i <= t} (1 - beta_i), float32 (T,); defaults: SDXL's. With zero_terminal_snr the last is 0
+    (sigma infinite): training uses it as is, the samplers clamp it to 2^-24 as diffusers' schedulers do."""
     betas = get_betas(schedule, num_train_timesteps, beta_start, beta_end)
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
@@ -66,13 +52,14 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-def snr(alphas_cumprod: Tensor) -> Tensor:
-    """Signal-to-noise ratio SNR_t = abar_t / (1 - abar_t) = 1 / sigma_t^2."""
-    return alphas_cumprod / (1 - alphas_cumprod)
+# ---------------------------------------------------------------------------------------- parameterisations (DDPM)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Parameterisations (DDPM)
+def _pick(prediction_type: str, **forms: Callable[[], Tensor]) -> Tensor:
+    """The form for `prediction_type`, evaluated (only that one); one error for an unknown type."""
+    if prediction_type not in forms:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+    return forms[prediction_type]()
 
 
 def _bcast(abar: Tensor | float, x: Tensor) -> Tensor:
@@ -95,97 +82,35 @@ def v_target(x0: Tensor, noise: Tensor, abar: Tensor | float) -> Tensor:
 
 def training_target(x0: Tensor, noise: Tensor, abar: Tensor | float, prediction_type: str) -> Tensor:
     """What the network learns to output: eps (epsilon), v (v_prediction) or x0 (sample)."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return v_target(x0, noise, abar)
-    if prediction_type == "sample":
-        return x0
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+    return _pick(prediction_type, epsilon=lambda: noise, v_prediction=lambda: v_target(x0, noise, abar),
+                 sample=lambda: x0)
 
 
 def to_x0(pred: Tensor, x_t: Tensor, abar: Tensor | float, prediction_type: str) -> Tensor:
     """The clean-sample estimate from a raw prediction at x_t.
-
-    epsilon: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
-    v:       x0 = sqrt(abar) x_t - sqrt(1 - abar) v
-    sample:  x0 = pred
-    """
-    abar = _bcast(abar, x_t)
-    if prediction_type == "epsilon":
-        return (x_t - (1 - abar) ** 0.5 * pred) / abar**0.5
-    if prediction_type == "v_prediction":
-        return abar**0.5 * x_t - (1 - abar) ** 0.5 * pred
-    if prediction_type == "sample":
-        return pred
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+    epsilon: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar); v: x0 = sqrt(abar) x_t - sqrt(1 - abar) v; sample: pred."""
+    a = _bcast(abar, x_t)
+    return _pick(prediction_type, epsilon=lambda: (x_t - (1 - a) ** 0.5 * pred) / a**0.5,
+                 v_prediction=lambda: a**0.5 * x_t - (1 - a) ** 0.5 * pred, sample=lambda: pred)
 
 
 def to_eps(pred: Tensor, x_t: Tensor, abar: Tensor | float, prediction_type: str) -> Tensor:
     """The noise estimate from a raw prediction at x_t.
-
-    epsilon: eps = pred
-    v:       eps = sqrt(abar) v + sqrt(1 - abar) x_t
-    sample:  eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
-    """
-    abar = _bcast(abar, x_t)
-    if prediction_type == "epsilon":
-        return pred
-    if prediction_type == "v_prediction":
-        return abar**0.5 * pred + (1 - abar) ** 0.5 * x_t
-    if prediction_type == "sample":
-        return (x_t - abar**0.5 * pred) / (1 - abar) ** 0.5
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+    epsilon: pred; v: eps = sqrt(abar) v + sqrt(1 - abar) x_t; sample: eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+    a = _bcast(abar, x_t)
+    return _pick(prediction_type, epsilon=lambda: pred, v_prediction=lambda: a**0.5 * pred + (1 - a) ** 0.5 * x_t,
+                 sample=lambda: (x_t - a**0.5 * pred) / (1 - a) ** 0.5)
 
 
 def min_snr_weight(snr_t: Tensor, gamma: float, prediction_type: str) -> Tensor:
-    """Min-SNR-gamma loss weight (arXiv 2303.09556) for a loss on the raw prediction, as diffusers'
-    train_text_to_image_sdxl.py applies it to compute_snr:
-
-    epsilon: min(SNR, gamma) / SNR        (the x0-loss weight min(SNR, gamma) moved to the eps loss)
-    v:       min(SNR, gamma) / (SNR + 1)
-    sample:  min(SNR, gamma)               (the paper's x0 form; diffusers' script leaves it unnormalised too)
-    The epsilon weight is computed as min(1, gamma / SNR): the same numbers, and 1 instead of 0/0 at SNR = 0
-    (the last step of a zero-terminal-SNR schedule).
-    """
-    if prediction_type == "epsilon":
-        return (gamma / snr_t).clamp(max=1.0)
-    if prediction_type == "v_prediction":
-        return snr_t.clamp(max=gamma) / (snr_t + 1)
-    if prediction_type == "sample":
-        return snr_t.clamp(max=gamma)
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+    """Min-SNR-gamma loss weight (arXiv 2303.09556) on the raw prediction's loss, as diffusers'
+    train_text_to_image_sdxl: epsilon min(SNR, gamma) / SNR (as min(1, gamma / SNR): 1, not 0/0, at SNR = 0),
+    v min(SNR, gamma) / (SNR + 1), sample (the paper's x0 form) min(SNR, gamma)."""
+    return _pick(prediction_type, epsilon=lambda: (gamma / snr_t).clamp(max=1.0),
+                 v_prediction=lambda: snr_t.clamp(max=gamma) / (snr_t + 1), sample=lambda: snr_t.clamp(max=gamma))
 
 
-def offset_noise(noise: Tensor, offset: float, generator: torch.Generator | None = None) -> Tensor:
-    """Noise offset (Guttenberg 2023): noise + offset * randn(B, C, 1, 1), one shift per image and channel,
-    so the model learns to change the mean brightness. The randn is drawn on the generator's device."""
-    if offset == 0:
-        return noise
-    b, c = noise.shape[:2]
-    device = generator.device if generator is not None else noise.device
-    shift = torch.randn(b, c, *[1] * (noise.ndim - 2), generator=generator, device=device, dtype=noise.dtype)
-    return noise + offset * shift.to(noise.device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Flow matching (SD3 convention)
-
-
-def flow_add_noise(x0: Tensor, noise: Tensor, s: Tensor | float) -> Tensor:
-    """x_s = (1 - s) x0 + s noise."""
-    s = _bcast(s, x0)
-    return (1 - s) * x0 + s * noise
-
-
-def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
-    """The velocity dx_s/ds = noise - x0."""
-    return noise - x0
-
-
-def flow_to_x0(v: Tensor, x_s: Tensor, s: Tensor | float) -> Tensor:
-    """x0 = x_s - s v."""
-    return x_s - _bcast(s, x_s) * v
+# ------------------------------------------------------------------------- flow matching (SD3), timestep sampling
 
 
 def shift_sigma(s: Tensor | float, shift: float) -> Tensor | float:
@@ -196,13 +121,9 @@ def shift_sigma(s: Tensor | float, shift: float) -> Tensor | float:
 def sample_timesteps(n: int, mode: str = "uniform", *, mean: float = 0.0, std: float = 1.0, shift: float = 1.0,
                      t_range: tuple[float, float] | None = None, num_train_timesteps: int | None = 1000,
                      generator: torch.Generator | None = None, device: torch.device | str | None = None) -> Tensor:
-    """Training timesteps.
-
-    u ~ U[0, 1) ("uniform") or u = sigmoid(N(mean, std)) ("logit_normal", SD3); then u' = k u / (1 + (k - 1) u)
-    with k = shift. Discrete DDPM (num_train_timesteps = T): integers t = a + floor(u' (b - a)) in [a, b),
-    t_range defaulting to (0, T). Flow (num_train_timesteps = None): floats s = a + u' (b - a), t_range
-    defaulting to (0, 1). Drawn on the generator's device, then moved to `device`.
-    """
+    """Training timesteps: u ~ U[0, 1) ("uniform") or sigmoid(N(mean, std)) ("logit_normal", SD3), u' =
+    shift_sigma(u, shift); DDPM (num_train_timesteps T): integers a + floor(u' (b - a)) in t_range = [a, b) (default
+    [0, T)); flow (None): floats a + u' (b - a), default [0, 1). Drawn on the generator's device, moved to `device`."""
     if num_train_timesteps is not None and t_range is not None \
             and not 0 <= t_range[0] < t_range[1] <= num_train_timesteps:
         raise ValueError(f"t_range {t_range} must satisfy 0 <= a < b <= {num_train_timesteps}")
@@ -216,9 +137,8 @@ def sample_timesteps(n: int, mode: str = "uniform", *, mean: float = 0.0, std: f
     if shift != 1.0:
         u = shift_sigma(u, shift)
     u = u.to(device or gen_device)
+    a, b = t_range or ((0.0, 1.0) if num_train_timesteps is None else (0, num_train_timesteps))
     if num_train_timesteps is None:
-        a, b = t_range if t_range is not None else (0.0, 1.0)
         return a + u * (b - a)
-    a, b = t_range if t_range is not None else (0, num_train_timesteps)
     # sigmoid can round to exactly 1.0 in float32; keep t < b.
     return (a + (u * (b - a)).floor().long()).clamp(max=b - 1)

@@ -1,12 +1,7 @@
-"""AutoencoderKL (the SDXL VAE) from scratch, with diffusers' parameter names.
-
-`encode(images in [-1, 1])` -> DiagonalGaussian posterior; `decode(unscaled latents)` -> images. The caller
-applies `config.scaling_factor` (latents fed to the UNet are `posterior.sample() * scaling_factor`).
-Sliced (one image at a time) and tiled paths bound the memory of large images. Tiling splits only the
-full-resolution convolutional half (decoder up blocks, encoder down blocks) into overlapping tiles blended
-linearly; the low-resolution half with its global attention always sees the whole image, so tiles agree far
-better than tiling the whole network would (GroupNorm statistics remain per tile); the published SDXL VAE overflows in fp16, so fp16 weights are upcast unless the config says it is safe.
-"""
+"""AutoencoderKL (the SDXL VAE) from scratch, with diffusers' parameter names. The latent scaling lives in
+`encode_latents` / `decode_latents`: (z - shift) * scale, and back. Tiling splits only the full-resolution
+convolutional half (`Encoder.down`, `Decoder.up`) into overlapping tiles blended linearly; the low-resolution half
+(`head`, with global attention) sees the whole image, so tiles agree far better (GroupNorm stats stay per tile)."""
 from __future__ import annotations
 
 import os
@@ -52,29 +47,20 @@ class VAEMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, downsample: bool):
+class VAEBlock(nn.Module):
+    """DownEncoderBlock2D / UpDecoderBlock2D: `n` resnets, then (unless `last`) a 2x down- or upsampler."""
+
+    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, resample: str, last: bool):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, _EPS)
                                       for i in range(n)])
-        self.downsamplers = nn.ModuleList([Downsample2D(out_ch, asymmetric_pad=True)] if downsample else [])
+        layer = Downsample2D(out_ch, asymmetric_pad=True) if resample == "down" else Upsample2D(out_ch)
+        setattr(self, f"{resample}samplers", nn.ModuleList([] if last else [layer]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in [*self.resnets, *self.downsamplers]:
-            x = m(x)
-        return x
-
-
-class DecoderBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, n: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, None, groups, _EPS)
-                                      for i in range(n)])
-        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if upsample else [])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in [*self.resnets, *self.upsamplers]:
-            x = m(x)
+        for layers in self.children():  # resnets, then the resampler
+            for m in layers:
+                x = m(x)
         return x
 
 
@@ -83,25 +69,19 @@ class Encoder(nn.Module):
         super().__init__()
         ch, n, g = cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([EncoderBlock(ch[max(i - 1, 0)], ch[i], n, g, i < len(ch) - 1)
+        self.down_blocks = nn.ModuleList([VAEBlock(ch[max(i - 1, 0)], ch[i], n, g, "down", i == len(ch) - 1)
                                           for i in range(len(ch))])
         self.mid_block = VAEMidBlock(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
-        """The full-resolution, local part (convolutions only): what tiling splits."""
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
+        for m in [self.conv_in, *self.down_blocks]:
+            x = m(x)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """The low-resolution part with global attention; always run on the whole image."""
         return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.down(x))
 
 
 class Decoder(nn.Module):
@@ -110,23 +90,18 @@ class Decoder(nn.Module):
         ch, n, g = cfg.block_out_channels[::-1], cfg.layers_per_block + 1, cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = VAEMidBlock(ch[0], g)
-        self.up_blocks = nn.ModuleList([DecoderBlock(ch[max(i - 1, 0)], ch[i], n, g, i < len(ch) - 1)
+        self.up_blocks = nn.ModuleList([VAEBlock(ch[max(i - 1, 0)], ch[i], n, g, "up", i == len(ch) - 1)
                                         for i in range(len(ch))])
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        """The low-resolution part with global attention; always run on the whole image."""
         return self.mid_block(self.conv_in(z))
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
-        """The full-resolution, local part (convolutions only): what tiling splits."""
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.up(self.head(z))
 
 
 class DiagonalGaussian:
@@ -145,42 +120,6 @@ class DiagonalGaussian:
         return self.mean
 
 
-def _blend_mask(h: int, w: int, top: int, left: int, bottom: int, right: int, device, dtype) -> torch.Tensor:
-    """Weights rising linearly over the overlap on each side that has a neighbour, 1 elsewhere."""
-    def ramp(n: int, a: int, b: int) -> torch.Tensor:
-        r = torch.ones(n, device=device, dtype=dtype)
-        if a:
-            r[:a] = torch.arange(1, a + 1, device=device, dtype=dtype) / (a + 1)
-        if b:
-            r[n - b:] = torch.arange(b, 0, -1, device=device, dtype=dtype) / (b + 1)
-        return r
-    return ramp(h, top, bottom)[:, None] * ramp(w, left, right)[None, :]
-
-
-def _tiled(fn, x: torch.Tensor, tile: int, overlap: int, scale: float, out_ch: int) -> torch.Tensor:
-    """Apply a convolutional `fn` (input size s -> output size s * scale) over overlapping tiles of x.
-
-    Tiles of `tile` input pixels overlap by `overlap`; outputs are blended with linear ramps over the overlap,
-    so memory is bounded by one tile while seams stay invisible.
-    """
-    B, _, H, W = x.shape
-    stride = tile - overlap
-    out = torch.zeros(B, out_ch, int(H * scale), int(W * scale), device=x.device, dtype=torch.float32)
-    weight = torch.zeros(1, 1, out.shape[2], out.shape[3], device=x.device, dtype=torch.float32)
-    starts = lambda n: sorted({min(i, max(n - tile, 0)) for i in range(0, max(n - overlap, 1), stride)})  # noqa
-    ys, xs = starts(H), starts(W)
-    for y in ys:
-        for x0 in xs:
-            part = fn(x[:, :, y:y + tile, x0:x0 + tile]).float()
-            oy, ox, oh, ow = int(y * scale), int(x0 * scale), part.shape[2], part.shape[3]
-            ov = int(overlap * scale)
-            m = _blend_mask(oh, ow, ov if y > 0 else 0, ov if x0 > 0 else 0, ov if y < ys[-1] else 0,
-                            ov if x0 < xs[-1] else 0, x.device, torch.float32)
-            out[:, :, oy:oy + oh, ox:ox + ow] += part * m
-            weight[:, :, oy:oy + oh, ox:ox + ow] += m
-    return (out / weight).to(x.dtype)
-
-
 class AutoencoderKL(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
@@ -190,55 +129,69 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
         # Memory controls: slicing runs one image at a time; tiling splits images larger than `tile_size` px.
-        self.use_slicing = False
-        self.use_tiling = False
-        self.tile_size = 512  # pixels
-        self.tile_overlap = 128  # pixels
+        self.use_slicing = self.use_tiling = False
+        self.tile_size, self.tile_overlap = 512, 128  # pixels
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.post_quant_conv.weight.dtype
+    dtype = property(lambda self: self.post_quant_conv.weight.dtype)
 
-    def _upcast_if_needed(self) -> None:
-        # The published SDXL VAE's activations exceed fp16's range (NaN / black images); compute it in fp32.
-        if self.dtype == torch.float16 and self.config.force_upcast:
-            self.float()
-
-    def _tileable(self, fn, x: torch.Tensor, scale: float, tile_in: int) -> torch.Tensor:
-        """Run the local, full-resolution half of the encoder or decoder, tiled if asked and x is large."""
-        if not self.use_tiling or max(x.shape[-2:]) <= tile_in:
+    def _tiled(self, fn, x: torch.Tensor, scale: float, tile: int) -> torch.Tensor:
+        """`fn` (input size s -> output size s * scale) over tiles of `tile` input pixels, when tiling and x is larger;
+        each tile's output weighted by ramps k / (overlap + 1), k = 1..overlap, on each side with a neighbour."""
+        if not self.use_tiling or max(x.shape[-2:]) <= tile:
             return fn(x)
-        overlap = max(int(tile_in * self.tile_overlap / self.tile_size), 1)
+        overlap = max(int(tile * self.tile_overlap / self.tile_size), 1)
+        stride = tile - overlap
         out_ch = self.config.block_out_channels[-1] if scale < 1 else self.config.out_channels
-        return _tiled(fn, x, tile_in, overlap, scale, out_ch)
+        B, _, H, W = x.shape
+        out = torch.zeros(B, out_ch, int(H * scale), int(W * scale), device=x.device, dtype=torch.float32)
+        weight = torch.zeros(1, 1, out.shape[2], out.shape[3], device=x.device, dtype=torch.float32)
+        starts = lambda n: sorted({min(i, max(n - tile, 0)) for i in range(0, max(n - overlap, 1), stride)})  # noqa
+        ys, xs, ov = starts(H), starts(W), int(overlap * scale)
+
+        def ramp(n: int, a: int, b: int) -> torch.Tensor:  # over a outputs at the start and b at the end
+            i = torch.arange(n, device=x.device, dtype=torch.float32)
+            return torch.minimum((i + 1) / (a + 1), (n - i) / (b + 1)).clamp(max=1)
+        for y in ys:
+            for x0 in xs:
+                part = fn(x[:, :, y:y + tile, x0:x0 + tile]).float()
+                oy, ox, oh, ow = int(y * scale), int(x0 * scale), part.shape[2], part.shape[3]
+                m = ramp(oh, ov * (y > 0), ov * (y < ys[-1]))[:, None] * ramp(ow, ov * (x0 > 0), ov * (x0 < xs[-1]))
+                out[:, :, oy:oy + oh, ox:ox + ow] += part * m
+                weight[:, :, oy:oy + oh, ox:ox + ow] += m
+        return (out / weight).to(x.dtype)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.config.downsample_factor
-        h = self._tileable(self.encoder.down, x, 1 / f, self.tile_size)
+        h = self._tiled(self.encoder.down, x, 1 / self.config.downsample_factor, self.tile_size)
         return self.quant_conv(self.encoder.head(h))
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         f = self.config.downsample_factor
-        h = self.decoder.head(self.post_quant_conv(z))
-        return self._tileable(self.decoder.up, h, f, self.tile_size // f)
+        return self._tiled(self.decoder.up, self.decoder.head(self.post_quant_conv(z)), f, self.tile_size // f)
 
     def _sliced(self, fn, x: torch.Tensor) -> torch.Tensor:
-        if self.use_slicing and x.shape[0] > 1:
-            return torch.cat([fn(part) for part in x.split(1)])
-        return fn(x)
+        # The published SDXL VAE's activations exceed fp16's range (NaN / black images); compute it in fp32.
+        if self.dtype == torch.float16 and self.config.force_upcast:
+            self.float()
+        x = x.to(self.dtype)
+        return torch.cat([fn(part) for part in x.split(1)]) if self.use_slicing else fn(x)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
         """images (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> posterior over (B, 4, H/8, W/8) latents."""
-        self._upcast_if_needed()
-        return DiagonalGaussian(self._sliced(self._encode, images.to(self.dtype)))
+        return DiagonalGaussian(self._sliced(self._encode, images))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), nominally in [-1, 1]."""
-        self._upcast_if_needed()
-        return self._sliced(self._decode, latents.to(self.dtype))
+        return self._sliced(self._decode, latents)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.decode(self.encode(images).sample(generator))
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images -> the UNet's latents (mean - shift_factor) * scaling_factor, float32; the mean: deterministic."""
+        return (self.encode(images).mean.float() - self.config.shift_factor) * self.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents -> images, float32: decode(latents / scaling_factor + shift_factor), one image at a time (the
+        memory peak at 1024 px; a batch then gives exactly what its images give alone)."""
+        sf, shift = self.config.scaling_factor, self.config.shift_factor
+        return torch.cat([self.decode(z[None].float() / sf + shift).float() for z in latents])
 
 
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

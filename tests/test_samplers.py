@@ -19,7 +19,7 @@ from conftest import rel_err
 
 from sdxl.diffusion import get_alphas_cumprod
 from sdxl.samplers import (SAMPLERS, cfg_denoiser, flow_sigmas, get_sigmas, karras_sigmas, make_denoiser,
-                           resolve_sampler, sample_ddim, sample_dpmpp_2m_sde, sampler_names, schedule_for,
+                           resolve_sampler, sample_ddim, sample_dpmpp_2m_sde, sample_euler, schedule_for,
                            sigma_to_t)
 
 # SDXL's published scheduler config (the EulerDiscreteScheduler of stabilityai/stable-diffusion-xl-base-1.0).
@@ -389,10 +389,10 @@ def flow_model(x, t):
     return toy_model(x, t) - 0.3 * x
 
 
-@pytest.mark.parametrize("name,cls,shift,steps", [("flow_euler", FlowMatchEulerDiscreteScheduler, 1.0, 20),
-                                                  ("flow_euler", FlowMatchEulerDiscreteScheduler, 3.0, 28),
-                                                  ("flow_heun", FlowMatchHeunDiscreteScheduler, 1.0, 10),
-                                                  ("flow_heun", FlowMatchHeunDiscreteScheduler, 3.0, 10)])
+@pytest.mark.parametrize("name,cls,shift,steps", [("euler", FlowMatchEulerDiscreteScheduler, 1.0, 20),
+                                                  ("euler", FlowMatchEulerDiscreteScheduler, 3.0, 28),
+                                                  ("heun", FlowMatchHeunDiscreteScheduler, 1.0, 10),
+                                                  ("heun", FlowMatchHeunDiscreteScheduler, 3.0, 10)])
 def test_flow(name, cls, shift, steps):
     noise = noise_like(13)
     rec_ref, rec = Recorder(flow_model), Recorder(flow_model)
@@ -401,10 +401,31 @@ def test_flow(name, cls, shift, steps):
     x = noise.clone()
     for t in sched.timesteps:
         x = sched.step(rec_ref(x, t), t, x).prev_sample
-    ours_sched = schedule_for(name, steps, shift=shift)
+    ours_sched = schedule_for(name, steps, None, shift=shift)  # alphas_cumprod None: the flow scale
     den = make_denoiser(rec, None, "flow", ours_sched)
     ours = resolve_sampler(name)[0](den, noise * ours_sched.init_noise_sigma, ours_sched.sigmas)
     assert_match(ours, x, rec, rec_ref)
+
+
+@pytest.mark.parametrize("with_schedule", [True, False])
+def test_flow_x0_prediction_euler_matches_closed_form(with_schedule):
+    """("sample", None): a flow-scale net that predicts x0, fed x as is at t = 1000 s. Oracle: flow Euler written
+    out in float64, x_{i+1} = x_i + (s_{i+1} - s_i) (x_i - x0_i) / s_i, x0_i = net(x_i, 1000 s_i)."""
+    net = Recorder(toy_model)  # read as an x0 prediction
+    sched = flow_sigmas(8, shift=3.0)
+    x = noise_like(30)
+    den = make_denoiser(net, None, "sample", sched if with_schedule else None)
+    trajectory = []
+    ours = sample_euler(den, x, sched.sigmas, callback=lambda i, x_i, d: trajectory.append(x_i))
+    s, expected = sched.sigmas.double(), x.double()
+    for i in range(8):
+        x0 = toy_model(expected.float(), 1000 * s[i].float()).double()
+        expected = expected + (s[i + 1] - s[i]) * (expected - x0) / s[i]
+        assert rel_err(expected, trajectory[i]) <= 1e-5, i  # measured 1.3e-7
+    assert torch.equal(ours, trajectory[-1])
+    assert max(abs(t - 1000 * float(si)) for t, si in zip(net.ts, s)) < 1e-3
+    # The same net read as a velocity ("flow") is another sampler: the prediction type was honoured.
+    assert rel_err(expected, sample_euler(make_denoiser(toy_model, None, "flow", sched), x, sched.sigmas)) > 0.1
 
 
 def test_denoiser_without_schedule_interpolates_t():
@@ -488,10 +509,12 @@ def test_resolve_sampler_names():
     assert resolve_sampler("dpmpp_2m_karras") == (SAMPLERS["dpmpp_2m"], True)
     assert resolve_sampler("euler") == (SAMPLERS["euler"], False)
     assert resolve_sampler("ddim")[0] is sample_ddim
-    assert "flow_euler_karras" not in sampler_names()
     with pytest.raises(ValueError, match="unknown sampler 'eulr'.*dpmpp_2m_karras"):
         resolve_sampler("eulr")
     with pytest.raises(ValueError, match="unknown timestep spacing"):
         get_sigmas(10, ABAR, "leadin")
     with pytest.raises(ValueError, match="num_steps"):
         get_sigmas(0, ABAR)
+    for name in ("dpmpp_2m", "euler_karras"):  # no flow-scale form
+        with pytest.raises(ValueError, match=f"sampler '{name}' needs alphas_cumprod"):
+            schedule_for(name, 10)

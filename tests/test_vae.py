@@ -41,6 +41,24 @@ def test_encode_decode_match_reference():
         assert rel_err(ref.decode(z).sample, ours.decode(z)) <= 1e-5
 
 
+def test_scaled_latents_match_reference():
+    """encode_latents / decode_latents against diffusers' AutoencoderKL and the scaling its pipelines apply, with
+    the reference's own config values: (posterior mean - shift_factor) * scaling_factor, and its inverse."""
+    ref, ours = make_pair(VAEConfig(**{**CFG.__dict__, "scaling_factor": 0.3611, "shift_factor": 0.1159}))
+    sf, shift = ref.config.scaling_factor, ref.config.shift_factor
+    x = torch.rand(3, 3, 48, 32) * 2 - 1
+    z = torch.randn(3, 4, 6, 5)
+    with torch.no_grad():
+        latents = ours.encode_latents(x)
+        assert latents.dtype == torch.float32
+        assert rel_err((ref.encode(x).latent_dist.mean - shift) * sf, latents) <= 1e-5
+        with inputs_of(ours.decoder.conv_in) as dec_in:
+            images = ours.decode_latents(z)
+        assert rel_err(ref.decode(z / sf + shift).sample, images) <= 1e-5
+        assert [t.shape for t in dec_in] == [(1, 4, 6, 5)] * 3  # one image at a time
+        assert ours.to(torch.bfloat16).encode_latents(x).dtype == torch.float32
+
+
 def test_full_config_names_and_shapes():
     with torch.device("meta"):
         ref = RefVAE(**diffusers_kwargs(SDXL_BASE.vae.to_diffusers()))
