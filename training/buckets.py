@@ -1,34 +1,19 @@
 """Aspect-ratio bucketing: bucket resolutions, assignment, resize + crop, and the batch plan.
 
-Buckets (kohya / NovelAI style): for every width w in [min_side, max_side] in steps of `step`, the tallest
-height h (a multiple of `step`, <= max_side) with w * h <= image_size^2, plus the transposed (h, w) and the square.
-Resolutions are (height, width) in pixels; `step` is 64 px for latent SDXL (as its published buckets; any multiple
-of the VAE's 8x times the UNet's 4x works), 32 for the pixel-space codec. At 1024 this gives 33 of the 40 sizes in
-the SDXL paper's list; the other 7 (e.g. 960 x 1024) have a second side below what the area allows, where this
-rule keeps one size per side length.
+Buckets (kohya / NovelAI style): for every width w in [min_side, max_side] in steps of `step`, the tallest height h
+(a multiple of `step`, <= max_side) with w * h <= image_size^2, plus the transposed (h, w) and the square. Sizes are
+(height, width) in pixels; `step` is 64 px for latent SDXL (its published buckets), 32 for the pixel codec. At 1024
+this gives 33 of the SDXL paper's 40 sizes: the rule keeps one size per side length (960 x 1024 is not one).
 
-An image of size (w, h) goes to the bucket minimising |log(w / h) - log(bw / bh)|, is resized (LANCZOS with a
-reducing gap, i.e. antialiased) by s = max(bw / w, bh / h) so it covers the bucket, then cropped to (bh, bw).
-`crop_top_left` = (top, left) of the crop in the *resized* image, as SDXL and kohya feed it to the UNet.
+An image (w, h) goes to the bucket minimising |log(w / h) - log(bw / bh)|, is resized (antialiased LANCZOS) by
+s = max(bw / w, bh / h) to cover it, then cropped to (bh, bw); `crop_top_left` = (top, left) of the crop in the
+*resized* image, as SDXL and kohya feed it to the UNet.
 
-Batches: `BucketBatchSampler` plans every epoch as a list of global batches of batch_size * world_size images
-from one bucket; rank r takes the slice [r * batch_size, (r + 1) * batch_size) of each. The plan is a pure
-function of (bucket ids, seed, epoch), so resuming is `sampler.set_epoch(epoch, position)` where position is the
-number of batches the loop has taken from the loader this epoch (micro-batches, not optimizer steps, when
-accumulating gradients):
-
-    sampler = BucketBatchSampler(dataset.bucket_ids, batch_size, seed=seed, rank=rank, world_size=world_size)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=4)
-    for epoch in range(start_epoch, num_epochs):
-        sampler.set_epoch(epoch, position=start_position if epoch == start_epoch else 0)
-        dataset.set_epoch(epoch)  # seeds crops / flips / caption shuffles per (seed, epoch, index)
-        for position, batch in enumerate(loader, start=sampler.position):
-            ...  # save {"epoch": epoch, "position": position + 1} with a checkpoint
-
-The sampler does not count batches itself: a DataLoader prefetches, so only the loop knows how many it used.
-Incomplete global batches (the tail of each bucket) are filled by repeating the bucket's first images in this
-epoch's shuffled order (drop_last=False, the default), so every image is seen at least once per epoch, or
-dropped (drop_last=True), so every image is seen at most once.
+`BucketBatchSampler` plans each epoch as global batches of batch_size * world_size images of one bucket; rank r takes
+the slice [r * batch_size, (r + 1) * batch_size) of each. The plan is a pure function of (bucket ids, seed, epoch), so
+resuming is `sampler.set_epoch(epoch, position)`, position = the batches the loop took this epoch (micro-batches when
+accumulating: a DataLoader prefetches, so only the loop can count them). A bucket's short last batch repeats its
+first images in this epoch's order (every image at least once an epoch), or is dropped with drop_last.
 """
 from __future__ import annotations
 
@@ -44,10 +29,8 @@ Bucket = tuple[int, int]  # (height, width) in pixels
 
 def make_buckets(image_size: int = 1024, step: int = 64, min_side: int | None = None,
                  max_side: int | None = None) -> list[Bucket]:
-    """Bucket resolutions of about image_size^2 pixels, sides multiples of `step`, sorted by aspect (w / h).
-
-    min_side / max_side default to image_size / 2 and image_size * 2 (the span of the SDXL paper's list at 1024).
-    """
+    """Bucket resolutions of about image_size^2 pixels, sides multiples of `step`, sorted by aspect (w / h);
+    min_side / max_side default to image_size / 2 and image_size * 2 (the span of the SDXL paper's list)."""
     min_side = image_size // 2 if min_side is None else min_side
     max_side = image_size * 2 if max_side is None else max_side
     if step <= 0 or not (step <= min_side <= image_size <= max_side):
@@ -59,8 +42,7 @@ def make_buckets(image_size: int = 1024, step: int = 64, min_side: int | None = 
     for w in range(min_side // step * step or step, max_side + 1, step):
         h = min(max_side, max_area // w // step * step)
         if h >= min_side:
-            buckets.add((h, w))
-            buckets.add((w, h))
+            buckets |= {(h, w), (w, h)}
     return sorted(buckets, key=lambda b: (b[1] / b[0], b[1]))
 
 
@@ -91,12 +73,10 @@ def resize_and_crop(img: Image.Image, bucket: Bucket, rng: random.Random | None 
                     ) -> tuple[Image.Image, tuple[int, int]]:
     """Resize `img` to cover `bucket` and crop it (center when rng is None); returns (crop, (top, left)).
 
-    The geometry (scale s = max(bw / w, bh / h), crop position) is computed on `original_size` (w, h), default
-    img.size; `img` may be a reduced decode of the original (JPEG draft), the crop is the same. Only the crop's
-    box is resampled (PIL's resize(box=...)), which is the resize-then-crop result without resizing the margins.
-    reducing_gap makes large reductions antialiased and fast (a box reduce first, then the filter).
-    flip mirrors the result; (top, left) is then the crop's position in the mirrored resized image:
-    left' = resized_w - left - bucket_w.
+    The geometry is computed on `original_size` (w, h), default img.size, so `img` may be a reduced decode (JPEG
+    draft). Only the crop's box is resampled (resize(box=...): resize-then-crop without resizing the margins);
+    reducing_gap makes large reductions antialiased and fast. `flip` mirrors the crop; (top, left) is then its
+    position in the mirrored resized image: left' = resized_w - left - bucket_w.
     """
     (rw, rh), (top, left) = crop_coords(original_size or img.size, bucket, rng)
     bh, bw = bucket
@@ -121,11 +101,8 @@ def bucket_table(buckets: Sequence[Bucket], bucket_ids: Sequence[int]) -> str:
 
 
 class BucketBatchSampler:
-    """Single-bucket batches, shuffled across buckets, deterministic per (seed, epoch), split across ranks.
-
-    Yields lists of dataset indices (this rank's `batch_size` share of each global batch), starting at
-    `position` of the epoch set with `set_epoch`. See the module docstring for the resume protocol.
-    """
+    """Single-bucket batches, shuffled across buckets, deterministic per (seed, epoch), split across ranks: lists of
+    dataset indices (this rank's share of each global batch) from `position` of the epoch set with `set_epoch`."""
 
     def __init__(self, bucket_ids: Sequence[int], batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = False, shuffle: bool = True):

@@ -1,44 +1,25 @@
-"""Datasets: image folders, metadata JSON and tar shards -> bucketed, cropped, captioned training items.
+"""Training data: image folders, metadata JSON and tar shards -> bucketed, cropped, captioned batches.
 
-Sources, chosen by `open_dataset` from what the flags point at:
-  * a folder (searched recursively) of images with same-stem captions: `a/b.jpg` + `a/b.txt` (or `a/b.caption`);
-  * metadata JSON files `{"img/1.png": {"tags": "...", "image_size": [w, h]}, ...}`, several merged (a later
-    file updates an earlier one's fields), relative paths resolved against the JSON's folder (then data_dir),
-    a key without extension finds the image by trying IMAGE_EXTENSIONS; a "caption" field is joined before
-    the tags; without a valid "image_size" the header is read;
-  * WebDataset-style tar shards (`train-{00000..00016}.tar`): members `<key>.jpg|png|webp` + `<key>.txt` and an
-    optional `<key>.json` ({"tags"} / {"caption"} when there is no .txt), streamed with `tarfile`.
+Sources and their captions (tar shards only through `open_stream`, the others through `open_dataset`):
+  * a folder, searched recursively: `a/b.jpg` with `a/b.txt` (or `a/b.caption`);
+  * metadata JSON `{"img/1.png": {"caption": "...", "tags": "...", "image_size": [w, h]}}` (see load_metadata);
+  * WebDataset tar shards (`train-{00000..00016}.tar`, uncompressed): `<key>.jpg|png|webp` with `<key>.txt`, or a
+    `<key>.json` read as a metadata entry.
+Folders and metadata give a map-style `BucketDataset` (for BucketBatchSampler and `collate`; `set_epoch` each
+epoch), tar shards a `ShardStream`. Items are dicts: `pixels` (3, H, W) in [-1, 1] (or cached `latents`), `caption`,
+`original_size` (h, w), `crop_top_left` (top, left) in the resized image, `target_size` (h, w) = the bucket
+(training/buckets.py), `index`; `collate` adds `time_ids` (B, 6), SDXL's micro-conditioning. Crops, flips and
+caption shuffles are seeded per (seed, epoch, sample): the same with any number of workers and after a resume.
 
-Map-style sources give a `BucketDataset`; use it with the batch sampler from training/buckets.py:
-
-    stats = DataStats()
-    ds = open_dataset(data_dir="imgs", image_size=1024, flip_aug=True, caption_config=CaptionConfig(...), stats=stats)
-    print(stats); print(ds.bucket_table())
-    sampler = BucketBatchSampler(ds.bucket_ids, batch_size, seed=seed, rank=rank, world_size=world_size)
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=4)
-    for epoch ...: sampler.set_epoch(epoch, position); ds.set_epoch(epoch); for batch in loader: ...
-
-`ds[i]` is a dict: `pixels` (3, H, W) float in [-1, 1] (or `latents` (C, h, w) when a LatentCache is attached,
-see training/cache.py), `caption` str (after caption processing), `original_size` (h, w) of the decoded image,
-`crop_top_left` (top, left) in the resized image, `target_size` (h, w) = the bucket, `index`. `collate` stacks
-them: tensors stacked, tuples -> LongTensor (B, 2), strings -> lists, plus `time_ids` (B, 6) float =
-(orig_h, orig_w, crop_top, crop_left, target_h, target_w), SDXL's micro-conditioning order.
-
-Random choices of an item (crop, flip, caption shuffle) come from `random.Random` seeded by (seed, epoch, index),
-so they do not depend on worker count or resume point. `set_epoch` must be called before the DataLoader's
-iterator is created (each `iter(loader)` sends the dataset to fresh workers; do not use persistent_workers).
-
-Tar shards give a `TarShardDataset` (an IterableDataset): shards shuffled per epoch, assigned round-robin to the
-(rank, worker) pairs (slot = rank * num_workers + worker_id), samples shuffled through a buffer. With
-`batch_size` set it yields collated single-bucket batches (use DataLoader(batch_size=None)); leftover partial
-batches at the end of a worker's stream are dropped.
-
-Bad data never crashes a run: each bad file gives one `DataWarning` naming it and is counted in `DataStats`
-(counters are per process: DataLoader workers count their own). Bad configuration (missing folder, not a
-dataset, malformed JSON, nothing usable) raises `DatasetError`, one line, which the CLI turns into exit code 2.
+Bad data never stops a run: each bad file (an unreadable image, a sample without one, a bad caption) gives one
+`DataWarning` naming it ("<shard>:<member>" in a tar), is counted in `DataStats` (the summary line) and skipped.
+Bad configuration (missing folder, malformed JSON, nothing usable, fewer shards than processes, a truncated or
+corrupt tar) raises `DatasetError`: one line naming the file, which the CLI turns into exit code 2.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import io
 import itertools
@@ -49,25 +30,24 @@ import random
 import re
 import tarfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
 from training.buckets import Bucket, bucket_table, crop_coords, make_buckets, nearest_bucket, resize_and_crop
 from training.captions import CaptionConfig, clean_caption, process_caption
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of preference when both exist
 MIN_IMAGE_FRACTION = 0.75  # default min_image_size = 0.75 * image_size (768 px at 1024)
-EXIF_ORIENTATION = 0x0112
 _EXIF_FORMATS = ("JPEG", "MPO", "WEBP", "TIFF")  # formats whose header holds EXIF (PNG would need a full decode)
-# What PIL raises on a broken or hostile image file.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # PIL on a broken / hostile file
 
 
 class DatasetError(ValueError):
@@ -89,7 +69,7 @@ class DataStats:
     images: int = 0  # usable images
     unreadable: int = 0  # zero-byte, not an image, truncated (skipped / replaced)
     too_small: int = 0  # below min_image_size^2 pixels (skipped)
-    missing_caption: int = 0  # no caption file (trained with "")
+    missing_caption: int = 0  # trained with ""
     empty_caption: int = 0
     bad_encoding: int = 0  # non-UTF-8 caption (decoded with replacement characters)
     orphan_caption: int = 0  # a caption file without an image
@@ -100,6 +80,11 @@ class DataStats:
     def __str__(self) -> str:
         return "data: " + ", ".join(f"{getattr(self, f.name)} {f.name.replace('_', ' ')}" for f in fields(self))
 
+    def bad(self, counter: str, message: str) -> None:
+        """Count one bad file and warn once, naming it."""
+        setattr(self, counter, getattr(self, counter) + 1)
+        warn_bad_file(message)
+
 
 @dataclass(frozen=True)
 class ImageRecord:
@@ -109,40 +94,30 @@ class ImageRecord:
     height: int
 
 
-# ---- images and captions -------------------------------------------------------------------------------------
-
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any PIL mode -> RGB: transparency composited on `background`, 16-bit scaled to 8-bit."""
-    if img.mode == "RGB":
-        return img
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: transparency composited on white, 16-bit scaled to 8-bit."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         a = np.asarray(img).astype(np.float32)
-        if img.mode.startswith("I;16") or a.max() > 255:  # 16-bit range -> 8-bit: 65535 / 257 = 255
-            a = a / 257.0
-        return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+        scale = 257.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0  # 16-bit -> 8-bit: 65535 / 257 = 255
+        img = Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        canvas = Image.new("RGBA", img.size, (*background, 255))
-        canvas.alpha_composite(img.convert("RGBA"))
-        return canvas.convert("RGB")
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    return img if img.mode == "RGB" else img.convert("RGB")  # also L, 1, P, CMYK, YCbCr
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int, int]:
     """(width, height, EXIF orientation) of an opened image as displayed, from its header alone."""
     # PNG keeps EXIF after the pixel data: reading it would decode the whole file, so only header formats count.
-    orientation = img.getexif().get(EXIF_ORIENTATION, 1) if img.format in _EXIF_FORMATS else 1
+    orientation = img.getexif().get(0x0112, 1) if img.format in _EXIF_FORMATS else 1
     w, h = img.size
     return (h, w, orientation) if orientation in (5, 6, 7, 8) else (w, h, orientation)  # 90-degree turns
 
 
 def load_image(source: str | os.PathLike | io.BytesIO,
                cover: Bucket | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode fully, apply the EXIF orientation, convert to RGB; returns (image, original (h, w) as displayed).
-
-    With `cover` (the bucket the image is headed for) a JPEG is decoded at the smallest 1/2^k scale that still
-    covers the bucket (libjpeg's DCT scaling, several times faster for large photos); the returned original
-    size is the full one either way. Raises one of IMAGE_ERRORS for a broken file.
-    """
+    """Decode, apply the EXIF orientation, convert to RGB: (image, original (h, w) as displayed); IMAGE_ERRORS if
+    broken. With `cover` (its bucket) a JPEG decodes at the smallest 1/2^k scale still covering it (libjpeg's DCT
+    scaling, several times faster for large photos); the original size returned is the full one either way."""
     with Image.open(source) as img:
         w, h, orientation = displayed_size(img)
         drafted = cover is not None and img.format == "JPEG"
@@ -154,38 +129,36 @@ def load_image(source: str | os.PathLike | io.BytesIO,
     return to_rgb(img), (h, w) if drafted else (img.height, img.width)
 
 
-def probe_image(path: str, stats: DataStats) -> tuple[int, int] | None:
+def probe_image(source: str | io.BytesIO, stats: DataStats, name: str | None = None) -> tuple[int, int] | None:
     """(width, height) as displayed from the header only (fast); None (warned, counted) if unreadable."""
     try:
-        with Image.open(path) as img:
-            w, h, orientation = displayed_size(img)
-            mode = img.mode
+        with Image.open(source) as img:
+            (w, h, orientation), mode = displayed_size(img), img.mode
     except IMAGE_ERRORS as e:
-        stats.unreadable += 1
-        warn_bad_file(f"{path}: unreadable image skipped ({type(e).__name__}: {e})")
-        return None
-    if mode != "RGB":
-        stats.converted += 1
-        warn_bad_file(f"{path}: mode {mode} converted to RGB")
-    if orientation != 1:
-        stats.rotated += 1
-        warn_bad_file(f"{path}: EXIF orientation {orientation} applied")
+        return stats.bad("unreadable", f"{name or source}: unreadable image skipped ({type(e).__name__}: {e})")
+    stats.converted += mode != "RGB"  # repairs, not faults: counted for the summary, not warned file by file
+    stats.rotated += orientation != 1
     return w, h
 
 
-def decode_caption(data: bytes, name: str, stats: DataStats) -> str:
-    """UTF-8 (BOM tolerated) caption bytes -> cleaned text; undecodable bytes replaced with a warning."""
+def decode_caption(data: bytes | None, name: str, stats: DataStats, missing: str = "no caption") -> str:
+    """UTF-8 (BOM tolerated) caption bytes -> cleaned text, undecodable bytes replaced; None -> ""; warned."""
+    if data is None:
+        stats.bad("missing_caption", f"{name}: {missing}, training with an empty caption")
+        return ""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        stats.bad_encoding += 1
-        warn_bad_file(f"{name}: caption is not UTF-8, undecodable bytes replaced")
+        stats.bad("bad_encoding", f"{name}: caption is not UTF-8, undecodable bytes replaced")
         text = data.decode("utf-8", errors="replace")
-    text = clean_caption(text)
-    if not text:
-        stats.empty_caption += 1
-        warn_bad_file(f"{name}: empty caption")
+    if not (text := clean_caption(text)):
+        stats.bad("empty_caption", f"{name}: empty caption")
     return text
+
+
+def meta_caption(entry: object) -> str:
+    """The caption of a metadata / tar .json entry: its "caption" then its "tags", comma-joined."""
+    return ", ".join(str(entry[k]) for k in ("caption", "tags") if isinstance(entry, dict) and entry.get(k))
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -194,8 +167,6 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return x.permute(2, 0, 1).float().mul_(2 / 255).sub_(1.0)
 
 
-# ---- indexing ------------------------------------------------------------------------------------------------
-
 def scan_folder(root: str | os.PathLike, stats: DataStats) -> list[ImageRecord]:
     """Images under `root` (recursive, sorted, hidden folders skipped) with their same-stem captions."""
     images: list[tuple[str, str]] = []  # (stem, path)
@@ -203,63 +174,42 @@ def scan_folder(root: str | os.PathLike, stats: DataStats) -> list[ImageRecord]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            stem, ext = os.path.splitext(path)
+            stem, ext = os.path.splitext(os.path.join(dirpath, name))
             if ext.lower() in IMAGE_EXTENSIONS:
-                images.append((stem, path))
-            elif ext.lower() in CAPTION_EXTENSIONS:
-                prev = captions.get(stem)
-                rank = CAPTION_EXTENSIONS.index  # prefer .txt over .caption
-                if prev is None or rank(ext.lower()) < rank(os.path.splitext(prev)[1].lower()):
-                    captions[stem] = path
-    image_stems = {s for s, _ in images}
-    for stem, cap in sorted(captions.items()):
-        if stem not in image_stems:
-            stats.orphan_caption += 1
-            warn_bad_file(f"{cap}: caption without an image, ignored")
+                images.append((stem, stem + ext))
+            elif ext.lower() == ".txt" or (ext.lower() == ".caption" and stem not in captions):  # .txt wins
+                captions[stem] = stem + ext
+    for stem in sorted(captions.keys() - {s for s, _ in images}):
+        stats.bad("orphan_caption", f"{captions[stem]}: caption without an image, ignored")
     records = []
     for stem, path in images:
-        size = probe_image(path, stats)
-        if size is None:
+        if (size := probe_image(path, stats)) is None:
             continue
-        cap = captions.get(stem)
-        if cap is None:
-            stats.missing_caption += 1
-            warn_bad_file(f"{path}: no caption file ({stem}.txt), training with an empty caption")
-            caption = ""
-        else:
-            try:
-                caption = decode_caption(Path(cap).read_bytes(), cap, stats)
-            except OSError as e:
-                stats.missing_caption += 1
-                warn_bad_file(f"{cap}: caption unreadable ({e}), training with an empty caption")
-                caption = ""
+        cap, data = captions.get(stem), None
+        with contextlib.suppress(OSError):  # an unreadable caption file trains as a missing one
+            data = Path(cap).read_bytes() if cap else None
+        caption = decode_caption(data, path if data is None else cap, stats, f"no readable caption file ({stem}.txt)")
         records.append(ImageRecord(path, caption, *size))
     return records
 
 
 def _resolve(key: str, json_dir: Path, data_dir: Path | None) -> str:
     """A metadata key -> an existing image path if possible (JSON folder first, then data_dir, then + extension)."""
-    p = Path(key)
-    if p.is_absolute():
-        bases = [p]
-    else:
-        bases = [json_dir / p] + ([data_dir / p] if data_dir is not None else [])
-    # normpath: "img/a.png" and "sub/../img/a.png" are one image, whose entries merge
-    bases = [Path(os.path.normpath(os.path.abspath(b))) for b in bases]
-    for base in bases:
-        if base.is_file():
-            return str(base)
-        if base.suffix.lower() not in IMAGE_EXTENSIONS:  # kohya's metadata keys often omit the extension
-            for ext in IMAGE_EXTENSIONS:
-                if base.with_name(base.name + ext).is_file():
-                    return str(base.with_name(base.name + ext))
-    return str(bases[0])
+    bases = [Path(key)] if Path(key).is_absolute() else [json_dir / key] + ([data_dir / key] if data_dir else [])
+    # abspath normalises: "img/a.png" and "sub/../img/a.png" are one image, whose entries merge
+    bases = [os.path.abspath(b) for b in bases]
+    for base in bases:  # kohya's metadata keys often omit the extension
+        for ext in ("",) + (() if base.lower().endswith(IMAGE_EXTENSIONS) else IMAGE_EXTENSIONS):
+            if os.path.isfile(base + ext):
+                return base + ext
+    return bases[0]
 
 
 def load_metadata(files: Sequence[str | os.PathLike], stats: DataStats,
                   data_dir: str | os.PathLike | None = None) -> list[ImageRecord]:
-    """Merge metadata JSON files (image path -> {"tags", "image_size": [w, h]}) into records."""
+    """Merge metadata JSON files (image path -> {"caption", "tags", "image_size": [w, h]}) into records: a later
+    file updates an entry's fields; caption = "caption" then "tags", comma-joined; a path is relative to its JSON's
+    folder, then data_dir, its extension optional; without a valid "image_size" the image header is read."""
     merged: dict[str, dict] = {}
     for f in map(Path, files):
         if not f.is_file():
@@ -271,31 +221,22 @@ def load_metadata(files: Sequence[str | os.PathLike], stats: DataStats,
         except UnicodeDecodeError as e:
             raise DatasetError(f"{f}: metadata is not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not isinstance(meta, dict):
-            raise DatasetError(f"{f}: expected a JSON object mapping image path -> {{\"tags\": ..., "
-                               f"\"image_size\": [w, h]}}, got {type(meta).__name__}")
+            raise DatasetError(f"{f}: expected a JSON object {{image path: entry}}, got {type(meta).__name__}")
         for key, entry in meta.items():
             if not isinstance(entry, dict):
                 raise DatasetError(f"{f}: entry {key!r} is {type(entry).__name__}, expected an object")
-            path = _resolve(key, f.parent, Path(data_dir) if data_dir is not None else None)
-            merged.setdefault(path, {}).update(entry)
+            merged.setdefault(_resolve(key, f.parent, data_dir and Path(data_dir)), {}).update(entry)
     records = []
     for path, entry in merged.items():
         if not os.path.isfile(path):
-            stats.missing_image += 1
-            warn_bad_file(f"{path}: listed in metadata but not found, skipped")
+            stats.bad("missing_image", f"{path}: listed in metadata but not found, skipped")
             continue
-        text = ", ".join(str(entry[k]) for k in ("caption", "tags") if entry.get(k))
-        caption = decode_caption(text.encode("utf-8"), path, stats)
+        caption = decode_caption(meta_caption(entry).encode(), path, stats)
         size = entry.get("image_size")
-        if (isinstance(size, (list, tuple)) and len(size) == 2
-                and all(isinstance(v, int) and v > 0 for v in size)):
-            w, h = size
-        else:  # absent or malformed: read the header instead
-            probed = probe_image(path, stats)
-            if probed is None:
-                continue
-            w, h = probed
-        records.append(ImageRecord(path, caption, w, h))
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            size = probe_image(path, stats)  # absent or malformed: read the header instead
+        if size is not None:
+            records.append(ImageRecord(path, caption, *size))
     return records
 
 
@@ -304,99 +245,83 @@ def expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
-    head, body, tail = pattern[:m.start()], m.group(1), pattern[m.end():]
-    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if r:
-        a, b = r.groups()
-        if int(a) > int(b):
-            raise DatasetError(f"{pattern}: empty range {{{body}}}")
-        options = [f"{i:0{len(a)}d}" for i in range(int(a), int(b) + 1)]  # zero-padded to the first bound
-    else:
-        options = body.split(",")
-    return [head + opt + rest for opt in options for rest in expand_braces(tail)]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", m[1])
+    if r and int(r[1]) > int(r[2]):
+        raise DatasetError(f"{pattern}: empty range {m[0]}")
+    # a range is zero-padded to its first bound's width
+    options = [f"{i:0{len(r[1])}d}" for i in range(int(r[1]), int(r[2]) + 1)] if r else m[1].split(",")
+    return [pattern[:m.start()] + o + rest for o in options for rest in expand_braces(pattern[m.end():])]
 
 
 def find_shards(patterns: str | Sequence[str]) -> list[str]:
     """Shard paths from brace / glob patterns (one string may hold several, separated by spaces)."""
-    if isinstance(patterns, str):
-        patterns = patterns.split()
     shards = []
-    for p in (p for pattern in patterns for p in expand_braces(pattern)):
-        if any(c in p for c in "*?["):
-            found = sorted(glob.glob(p))
-            if not found:
-                raise DatasetError(f"{p}: no tar shards match")
+    for pattern in patterns.split() if isinstance(patterns, str) else patterns:
+        for p in expand_braces(pattern):
+            if not (found := sorted(f for f in glob.glob(p) if os.path.isfile(f))):  # a plain path globs to itself
+                raise DatasetError(f"{p}: no tar shard found")
             shards += found
-        elif os.path.isfile(p):
-            shards.append(p)
-        else:
-            raise DatasetError(f"{p}: tar shard not found")
     return shards
-
-
-# ---- items ---------------------------------------------------------------------------------------------------
-
-def make_item(img: Image.Image, original_size: tuple[int, int], bucket: Bucket, rng: random.Random, *,
-              random_crop: bool, flip: bool) -> dict:
-    """A training item (caption still "") from load_image's output: resize to cover, crop, flip, to [-1, 1]."""
-    h, w = original_size
-    img, crop = resize_and_crop(img, bucket, rng if random_crop else None, flip=flip, original_size=(w, h))
-    return {"pixels": to_tensor(img), "caption": "", "original_size": original_size, "crop_top_left": crop,
-            "target_size": tuple(bucket)}
 
 
 def collate(items: list[dict]) -> dict:
     """Stack a list of items into a batch; adds `time_ids` (B, 6) = SDXL micro-conditioning."""
-    batch: dict = {}
-    for k in items[0]:
-        vals = [it[k] for it in items]
-        if isinstance(vals[0], torch.Tensor):
-            batch[k] = torch.stack(vals)
-        elif isinstance(vals[0], (tuple, int)):
-            batch[k] = torch.tensor(vals, dtype=torch.long)
-        else:
-            batch[k] = vals
+    batch = {k: [it[k] for it in items] for k in items[0]}
+    for k, v in batch.items():
+        if isinstance(v[0], torch.Tensor):
+            batch[k] = torch.stack(v)
+        elif isinstance(v[0], (tuple, int)):
+            batch[k] = torch.tensor(v, dtype=torch.long)
     batch["time_ids"] = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], 1).float()
     return batch
 
 
-class BucketDataset(Dataset):
-    """Map-style dataset over ImageRecords, each assigned to an aspect bucket (see module docstring)."""
+class _Source:
+    """What BucketDataset and ShardStream share: the buckets, the size floor, augmentation and caption rules."""
 
-    def __init__(self, records: Sequence[ImageRecord], *, image_size: int = 1024, step: int = 64,
-                 min_side: int | None = None, max_side: int | None = None, min_image_size: int | None = None,
-                 random_crop: bool = False, flip_aug: bool = False, caption_config: CaptionConfig | None = None,
-                 seed: int = 0, latent_cache=None, text_cache=None, stats: DataStats | None = None,
-                 source: str = "dataset"):
-        self.stats = stats if stats is not None else DataStats()
-        self.image_size = image_size
-        self.min_image_size = round(MIN_IMAGE_FRACTION * image_size) if min_image_size is None else min_image_size
+    def __init__(self, *, image_size: int = 1024, step: int = 64, min_side: int | None = None,
+                 max_side: int | None = None, min_image_size: int | None = None, random_crop: bool = False,
+                 flip_aug: bool = False, caption_config: CaptionConfig | None = None, seed: int = 0,
+                 stats: DataStats | None = None):
         self.buckets = make_buckets(image_size, step, min_side, max_side)
-        self.records = []
-        for r in records:
-            if r.width * r.height < self.min_image_size ** 2:
-                self.stats.too_small += 1
-                warn_bad_file(f"{r.path}: {r.width}x{r.height} is below min_image_size "
-                              f"{self.min_image_size}^2 px, skipped")
-            else:
-                self.records.append(r)
+        self.min_image_size = round(MIN_IMAGE_FRACTION * image_size) if min_image_size is None else min_image_size
+        self.random_crop, self.flip_aug, self.seed, self.epoch = random_crop, flip_aug, seed, 0
+        self.caption_config = caption_config or CaptionConfig()
+        self.stats = stats if stats is not None else DataStats()
+
+    def large_enough(self, name: str, w: int, h: int) -> bool:
+        if w * h < self.min_image_size ** 2:
+            self.stats.bad("too_small", f"{name}: {w}x{h} is below min_image_size {self.min_image_size}^2 px, skipped")
+        return w * h >= self.min_image_size ** 2
+
+    def make_item(self, source: str | io.BytesIO, bucket: Bucket, caption: str, index: int, rng: random.Random,
+                  flip: bool) -> dict:
+        """A training item: decode (IMAGE_ERRORS if broken), resize to cover, crop, flip, to [-1, 1], caption."""
+        img, (h, w) = load_image(source, cover=bucket)
+        img, crop = resize_and_crop(img, bucket, rng if self.random_crop else None, flip=flip, original_size=(w, h))
+        return {"pixels": to_tensor(img), "caption": process_caption(caption, self.caption_config, rng),
+                "original_size": (h, w), "crop_top_left": crop, "target_size": tuple(bucket), "index": index}
+
+
+class BucketDataset(_Source, Dataset):
+    """Map-style dataset over ImageRecords, each in its aspect bucket; options as _Source's."""
+
+    def __init__(self, records: Sequence[ImageRecord], *, latent_cache=None, text_cache=None,
+                 source: str = "dataset", **options):
+        super().__init__(**options)
+        self.records = [r for r in records if self.large_enough(r.path, r.width, r.height)]
         if not self.records:
             raise DatasetError(f"{source}: no usable images ({self.stats})")
         self.stats.images = len(self.records)
         self.bucket_ids = [nearest_bucket(self.buckets, r.width, r.height) for r in self.records]
-        self.random_crop, self.flip_aug, self.seed, self.epoch = random_crop, flip_aug, seed, 0
-        self.caption_config = caption_config or CaptionConfig()
-        if latent_cache is not None and random_crop:
+        if latent_cache is not None and self.random_crop:
             raise DatasetError("random_crop cannot be used with cached latents (the crop is fixed when caching)")
-        if latent_cache is not None and flip_aug and not latent_cache.flip_aug:
+        if latent_cache is not None and self.flip_aug and not latent_cache.flip_aug:
             raise DatasetError("flip_aug needs a LatentCache built with flip_aug=True (it caches the mirror too)")
         if text_cache is not None and self.caption_config.is_random:
             raise DatasetError("caption shuffling / dropout makes captions differ every step: "
                                "their embeddings cannot be cached, encode them in the loop")
         self.latent_cache, self.text_cache = latent_cache, text_cache
-        self._by_bucket: dict[int, list[int]] = {}
-        for i, b in enumerate(self.bucket_ids):
-            self._by_bucket.setdefault(b, []).append(i)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -416,29 +341,26 @@ class BucketDataset(Dataset):
     def _load(self, i: int, flip: bool, rng: random.Random) -> dict:
         rec, bucket = self.records[i], self.bucket(i)
         if self.latent_cache is None:
-            img, original = load_image(rec.path, cover=bucket)
-            return make_item(img, original, bucket, rng, random_crop=self.random_crop, flip=flip)
+            return self.make_item(rec.path, bucket, rec.caption, i, rng, flip)
         entry = self.latent_cache.load(rec, bucket)  # FileNotFoundError (an OSError) when not cached
         suffix = "_flipped" if flip else ""
-        return {"latents": entry["latents" + suffix], "caption": "",
+        return {"latents": entry["latents" + suffix], "caption": self.caption(i, rng),
                 "original_size": tuple(entry["original_size"].tolist()),
-                "crop_top_left": tuple(entry["crop_top_left" + suffix].tolist()), "target_size": tuple(bucket)}
+                "crop_top_left": tuple(entry["crop_top_left" + suffix].tolist()), "target_size": tuple(bucket),
+                "index": i}
 
     def __getitem__(self, i: int) -> dict:
         rng = random.Random(f"item:{self.seed}:{self.epoch}:{i}")
         flip = self.flip_aug and rng.random() < 0.5
         # A file that fails to decode is replaced by another image of its bucket, so batches keep their shape.
-        same = self._by_bucket[self.bucket_ids[i]]
-        for j in itertools.chain((i,), (j for j in same if j != i)):
+        b = self.bucket_ids[i]
+        for j in itertools.chain((i,), (j for j, bj in enumerate(self.bucket_ids) if bj == b and j != i)):
             try:
                 item = self._load(j, flip, rng)
             except IMAGE_ERRORS as e:
-                self.stats.unreadable += 1
-                warn_bad_file(f"{self.records[j].path}: unreadable ({type(e).__name__}: {e}), "
-                              "replaced by another image")
+                self.stats.bad("unreadable", f"{self.records[j].path}: unreadable ({type(e).__name__}: {e}), "
+                                             "replaced by another image")
                 continue
-            item["caption"] = self.caption(j, rng)
-            item["index"] = j
             if self.text_cache is not None:
                 try:
                     item.update(self.text_cache.load(item["caption"]))
@@ -447,192 +369,217 @@ class BucketDataset(Dataset):
                                        "(run TextCache.build first)") from None
             return item
         hint = " (latent cache not built?)" if self.latent_cache is not None else ""
-        raise DatasetError(f"no readable image in bucket {self.bucket(i)} ({len(same)} images){hint}")
+        raise DatasetError(f"no readable image in bucket {self.bucket(i)} ({self.bucket_ids.count(b)} images){hint}")
 
 
-# ---- tar shards ----------------------------------------------------------------------------------------------
-
-def _shuffled(items: Iterable, size: int, rng: random.Random) -> Iterator:
-    """Approximate shuffle through a buffer of `size` items (size <= 1: no shuffle)."""
-    buf: list = []
-    for x in items:
-        buf.append(x)
-        if len(buf) >= size:
-            j = rng.randrange(len(buf))
-            buf[j], buf[-1] = buf[-1], buf[j]
-            yield buf.pop()
-    rng.shuffle(buf)
-    yield from buf
+_FIX = "re-create the shard or drop it from --train_shards"
 
 
-def read_shard(path: str, stats: DataStats) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a WebDataset tar; consecutive members sharing a key form a sample."""
-    key, sample = None, {}
+def check_shard(path: str) -> None:
+    """DatasetError unless `path` is a whole, uncompressed tar: 512-byte blocks ending in zero blocks."""
     try:
-        with tarfile.open(path, mode="r|*") as tar:  # streaming: no seeking, no member index
-            for member in tar:
-                if not member.isfile():
-                    continue
-                dirname, base = posixpath.split(member.name)
-                if base.startswith("."):
-                    continue
-                stem, _, ext = base.partition(".")
-                k = posixpath.join(dirname, stem)
-                if k != key:
-                    if sample:
-                        yield key, sample
-                    key, sample = k, {}
-                sample[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        stats.unreadable += 1
-        warn_bad_file(f"{path}: broken tar shard, rest skipped ({type(e).__name__}: {e})")
-    if sample:
-        yield key, sample
+        with open(path, "rb") as f:
+            head, size = f.read(6), f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 1024))
+            tail = f.read()
+    except OSError as e:
+        raise DatasetError(f"{path}: tar shard unreadable ({e.strerror})") from None
+    if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):  # gzip, bzip2, xz, zstd
+        raise DatasetError(f"{path}: compressed tar shard; the stream seeks inside shards, so repack it as a "
+                           "plain .tar (its images are compressed already)")
+    if size < 1024 or size % 512 or any(tail):
+        index_shard(path)  # names the member a cut falls in
+        raise DatasetError(f"{path}: truncated tar shard (no end-of-archive blocks): {_FIX}")
 
 
-class TarShardDataset(IterableDataset):
-    """Streams WebDataset tar shards; split over (rank, worker) round-robin; see the module docstring."""
+def index_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """[(key, {extension: (data offset, size)})] in tar order, from the headers; members sharing a key (the
+    name up to its first dot) form a sample. A truncated or garbled archive is a DatasetError naming the member."""
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    last = None
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                dirname, base = posixpath.split(m.name)
+                if m.isfile() and not base.startswith("."):
+                    stem, _, ext = base.partition(".")
+                    samples.setdefault(posixpath.join(dirname, stem), {})[ext.lower()] = (m.offset_data, m.size)
+                last = m.name
+            end = tar.offset
+        with open(path, "rb") as f:  # tarfile stops quietly at a garbled header: what follows must be zeros
+            f.seek(end)
+            garbled = any(f.read(512))
+    except (tarfile.TarError, OSError) as e:
+        raise DatasetError(f"{path}: broken tar shard after member {last!r} ({e}): {_FIX}") from None
+    if garbled:
+        raise DatasetError(f"{path}: corrupt tar header after member {last!r} (byte {end}): {_FIX}")
+    return list(samples.items())
 
-    def __init__(self, shards: Sequence[str], *, image_size: int = 1024, step: int = 64,
-                 min_side: int | None = None, max_side: int | None = None, min_image_size: int | None = None,
-                 random_crop: bool = False, flip_aug: bool = False, caption_config: CaptionConfig | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 1000,
-                 batch_size: int | None = None, stats: DataStats | None = None):
-        if not shards:
-            raise DatasetError("no tar shards given")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.shards = list(shards)
-        self.buckets = make_buckets(image_size, step, min_side, max_side)
-        self.min_image_size = round(MIN_IMAGE_FRACTION * image_size) if min_image_size is None else min_image_size
-        self.random_crop, self.flip_aug = random_crop, flip_aug
-        self.caption_config = caption_config or CaptionConfig()
-        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
-        self.shuffle_buffer, self.batch_size = shuffle_buffer, batch_size
-        self.stats = stats if stats is not None else DataStats()
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+def _read(path: str, where: tuple[int, int]) -> bytes:
+    with open(path, "rb") as f:  # a handle per read, so the decode threads share nothing
+        f.seek(where[0])
+        return f.read(where[1])
 
-    def shards_for(self, worker_id: int = 0, num_workers: int = 1) -> list[str]:
-        """This (rank, worker)'s shards: the epoch's shuffled shard list, round-robin over all slots."""
-        order = list(self.shards)
-        random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(order)  # same order on every rank
-        return order[self.rank * num_workers + worker_id::self.world_size * num_workers]
 
-    def _item(self, shard: str, key: str, sample: dict[str, bytes], rng: random.Random) -> dict | None:
-        name = f"{shard}:{key}"
-        ext = next((e for e in sample if "." + e in IMAGE_EXTENSIONS), None)
+@dataclass(eq=False)
+class _Pending:
+    """A buffered sample: where its image is, its bucket (from the header) and its caption; not decoded."""
+    shard: int  # index into ShardStream.shards
+    no: int  # sample number in the shard, tar order
+    name: str  # "<shard>:<image member>", for warnings
+    image: tuple[int, int]  # (offset, size) of the image member
+    caption: str
+    bucket: Bucket
+
+
+class ShardStream(_Source):
+    """Endless batches of `batch_size` samples of one bucket from tar shards, without a DataLoader.
+
+    Epoch e shuffles the shards by (seed, e); rank r of world_size reads shards r, r + world_size, ... of them, each
+    in a seeded sample order, and starts its next epoch alone when it runs dry. Samples wait undecoded in a buffer
+    (their headers give their buckets) until a bucket fills a batch, or the buffer is full or the epoch read: then
+    the fullest bucket goes, padded with repeats. After `load_state_dict(state_dict())` (per rank: the position, the
+    buffer as references) the batches are bit for bit an uninterrupted run's, given the same seed, world size and
+    shards (else the epoch restarts, warned). Batches decode when taken, `threads` images at once, while the step
+    waits: a data-bound run is better served by a folder and DataLoader workers."""
+
+    def __init__(self, shards: Sequence[str], *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 buffer: int = 256, threads: int = 4, **options):
+        super().__init__(**options)
+        if len(shards) < world_size:
+            raise DatasetError(f"{len(shards)} shards for {world_size} processes: each process reads its own "
+                               f"shards, so split the data into at least {world_size} shards or run fewer processes")
+        for s in shards:
+            check_shard(s)
+        self.shards, self.batch_size, self.buffer = list(shards), batch_size, buffer
+        self.rank, self.world_size = rank, world_size
+        self._map = ThreadPoolExecutor(threads, thread_name_prefix="decode").map if threads > 1 else map
+        self._samples = functools.lru_cache(1)(lambda shard: index_shard(self.shards[shard]))  # the one being read
+        self._start(0)
+
+    def _start(self, epoch: int) -> None:
+        order = list(range(len(self.shards)))
+        random.Random(f"shards:{self.seed}:{epoch}").shuffle(order)  # the same on every rank
+        self.epoch, self._mine = epoch, order[self.rank::self.world_size]
+        self._shard = self._sample = self._batches = 0  # position: this rank's shard, sample in its order
+        self._order: list[int] | None = None  # the current shard's sample order
+        self._pending: list[_Pending] = []  # the buffer, oldest first
+
+    def _probe(self, shard: int, no: int) -> _Pending | None:
+        """Header and caption of one sample; None (counted, warned) when it has no usable image."""
+        (key, members), path = self._samples(shard)[no], self.shards[shard]
+        ext = next((e for e in members if "." + e in IMAGE_EXTENSIONS), None)
         if ext is None:
-            self.stats.missing_image += 1
-            warn_bad_file(f"{name}: sample without an image, skipped")
+            return self.stats.bad("missing_image", f"{path}:{key}: sample without an image, skipped")
+        name = f"{path}:{key}.{ext}"
+        size = probe_image(io.BytesIO(_read(path, members[ext])), self.stats, name)
+        if size is None or not self.large_enough(name, *size):
             return None
+        text = _read(path, members["txt"]) if "txt" in members else None
+        if text is None and "json" in members:
+            with contextlib.suppress(ValueError):  # invalid JSON / UTF-8: no caption
+                text = meta_caption(json.loads(_read(path, members["json"]))).encode() or None
+        caption = decode_caption(text, f"{path}:{key}", self.stats, "no caption (.txt, or .json with caption / tags)")
+        return _Pending(shard, no, name, members[ext], caption, self.buckets[nearest_bucket(self.buckets, *size)])
+
+    def _decode(self, p: _Pending) -> dict | Exception:
+        """The training item of a buffered sample (in a decode thread: no stats, no warnings here)."""
+        rng = random.Random(f"sample:{self.seed}:{self.epoch}:{p.shard}:{p.no}")  # not the position: resumable
         try:
-            with Image.open(io.BytesIO(sample[ext])) as header:
-                w, h, _ = displayed_size(header)
-            if w * h < self.min_image_size ** 2:
-                self.stats.too_small += 1
-                warn_bad_file(f"{name}.{ext}: {w}x{h} is below min_image_size {self.min_image_size}^2 px, "
-                              "skipped")
-                return None
-            bucket = self.buckets[nearest_bucket(self.buckets, w, h)]
-            img, original = load_image(io.BytesIO(sample[ext]), cover=bucket)
+            return self.make_item(io.BytesIO(_read(self.shards[p.shard], p.image)), p.bucket, p.caption,
+                                  p.shard << 32 | p.no, rng, flip=self.flip_aug and rng.random() < 0.5)
         except IMAGE_ERRORS as e:
-            self.stats.unreadable += 1
-            warn_bad_file(f"{name}.{ext}: unreadable image skipped ({type(e).__name__}: {e})")
+            return e
+
+    def _take(self, bucket: Bucket) -> dict | None:
+        """The bucket's oldest batch_size samples, taken out of the buffer and decoded into a batch, padded with
+        repeats when short (the epoch's end, a full buffer, broken images); None when every image was broken."""
+        group = [p for p in self._pending if p.bucket == bucket][:self.batch_size]
+        good = []
+        for p, item in zip(group, self._map(self._decode, group)):
+            self._pending.remove(p)
+            if isinstance(item, Exception):
+                self.stats.bad("unreadable", f"{p.name}: unreadable image skipped ({type(item).__name__}: {item})")
+            else:
+                good.append(item)
+        if not good:
             return None
-        if "txt" in sample:
-            caption = decode_caption(sample["txt"], f"{name}.txt", self.stats)
-        else:
-            meta = {}
-            if "json" in sample:
-                try:
-                    meta = json.loads(sample["json"])
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    warn_bad_file(f"{name}.json: invalid JSON ignored")
-            text = meta.get("tags") or meta.get("caption") if isinstance(meta, dict) else None
-            if text is None:
-                self.stats.missing_caption += 1
-                warn_bad_file(f"{name}: no caption, training with an empty caption")
-            caption = clean_caption(str(text or ""))
-        self.stats.images += 1
-        flip = self.flip_aug and rng.random() < 0.5
-        item = make_item(img, original, bucket, rng, random_crop=self.random_crop, flip=flip)
-        item["caption"] = process_caption(caption, self.caption_config, rng)
-        item["key"] = name
-        return item
+        self.stats.images += len(good)
+        self._batches += 1
+        return collate([good[i % len(good)] for i in range(self.batch_size)])
+
+    def _read_next(self) -> None:
+        """Buffer the next sample of this rank's epoch (unless unusable) and step the position past it."""
+        shard = self._mine[self._shard]
+        if self._order is None:
+            self._order = list(range(len(self._samples(shard))))
+            random.Random(f"samples:{self.seed}:{self.epoch}:{shard}").shuffle(self._order)
+        if self._sample < len(self._order):
+            self._pending += filter(None, [self._probe(shard, self._order[self._sample])])
+            self._sample += 1
+        if self._sample == len(self._order):
+            self._shard, self._sample, self._order = self._shard + 1, 0, None
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random(f"tar:{self.seed}:{self.epoch}:{self.rank}:{worker_id}")
-        shards = self.shards_for(worker_id, num_workers)
-        if not shards:  # this slot idles; under DDP its rank would run out of batches first
-            warnings.warn(f"rank {self.rank} worker {worker_id}: no shard left ({len(self.shards)} shards for "
-                          f"{self.world_size * num_workers} rank x worker slots)", DataWarning)
-        samples = ((s, k, smp) for s in shards for k, smp in read_shard(s, self.stats))
-        pending: dict[Bucket, list[dict]] = {}
-        for shard, key, sample in _shuffled(samples, self.shuffle_buffer, rng):
-            item = self._item(shard, key, sample, rng)
-            if item is None:
-                continue
-            if self.batch_size is None:
-                yield item
-                continue
-            group = pending.setdefault(item["target_size"], [])
-            group.append(item)
-            if len(group) == self.batch_size:
-                yield collate(group)
-                pending[item["target_size"]] = []
+        while True:
+            counts = Counter(p.bucket for p in self._pending)  # in order of each bucket's oldest sample
+            full = [b for b, n in counts.items() if n >= self.batch_size]
+            dry = self._shard == len(self._mine)
+            if full or (counts and (dry or len(self._pending) >= self.buffer)):
+                if (batch := self._take(full[0] if full else counts.most_common(1)[0][0])) is not None:
+                    yield batch
+            elif dry:
+                if self._batches == 0:
+                    raise DatasetError(f"rank {self.rank}: no usable sample in its shards of epoch {self.epoch} "
+                                       f"({', '.join(self.shards[s] for s in self._mine)}); see the warnings")
+                self._start(self.epoch + 1)
+            else:
+                self._read_next()
 
+    def state_dict(self) -> dict:
+        """The position after the last batch yielded; JSON-able, per rank."""
+        return {"epoch": self.epoch, "shard": self._shard, "sample": self._sample, "batches": self._batches,
+                "pending": [[p.shard, p.no] for p in self._pending], "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "shards": len(self.shards)}
 
-# ---- source selection ----------------------------------------------------------------------------------------
-
-_TAR_ONLY = ("rank", "world_size", "shuffle_buffer", "batch_size")
-_MAP_ONLY = ("latent_cache", "text_cache")
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (the buffered samples' headers are read again; nothing is decoded)."""
+        ours = {"seed": self.seed, "world_size": self.world_size, "shards": len(self.shards)}
+        theirs = {k: state[k] for k in ours}
+        self._start(state["epoch"])
+        if theirs != ours:
+            warnings.warn(f"stream state for {theirs}, this run has {ours}: restarting epoch {self.epoch} "
+                          "(exact resume needs the same seed, world size and shards)", DataWarning)
+            return
+        if state["rank"] != self.rank:
+            raise ValueError(f"stream state of rank {state['rank']} given to rank {self.rank}")
+        self._shard, self._sample, self._batches = state["shard"], state["sample"], state["batches"]
+        self._pending = list(filter(None, (self._probe(s, no) for s, no in state["pending"])))
 
 
 def open_dataset(data_dir: str | os.PathLike | None = None,
                  metadata_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                 train_shards: str | Sequence[str] | None = None, **kwargs) -> BucketDataset | TarShardDataset:
-    """The dataset the flags point at: tar shards, metadata JSON, or an image folder (or a folder of .tar files).
-
-    kwargs go to BucketDataset / TarShardDataset (image_size, step, min_side, max_side, min_image_size,
-    random_crop, flip_aug, caption_config, seed, stats, ...; rank / world_size / shuffle_buffer / batch_size
-    only concern tar shards and are ignored for map-style sources, whose split is the batch sampler's).
-    """
-    stats = kwargs.setdefault("stats", DataStats())
-    if isinstance(metadata_files, (str, os.PathLike)):
-        metadata_files = [metadata_files]
-    if data_dir is not None and train_shards is None and not metadata_files:
-        s = str(data_dir)
-        if "{" in s or s.endswith(".tar"):
-            train_shards = s
-        elif s.endswith(".json") and os.path.isfile(s):
-            metadata_files, data_dir = [s], None
-    if train_shards is not None:
-        return _tar_dataset(find_shards(train_shards), kwargs)
-    map_kwargs = {k: v for k, v in kwargs.items() if k not in _TAR_ONLY}
+                 **options) -> BucketDataset:
+    """A BucketDataset of the metadata files (image paths relative to them, then to data_dir), else of the folder
+    data_dir; options as BucketDataset's. Tar shards are open_stream's."""
+    stats = options.setdefault("stats", DataStats())
     if metadata_files:
-        records = load_metadata(metadata_files, stats, data_dir)
-        return BucketDataset(records, source=", ".join(map(str, metadata_files)), **map_kwargs)
+        files = [metadata_files] if isinstance(metadata_files, (str, os.PathLike)) else metadata_files
+        return BucketDataset(load_metadata(files, stats, data_dir), source=", ".join(map(str, files)), **options)
     if data_dir is None:
         raise DatasetError("no data given: pass data_dir, metadata_files or train_shards")
-    root = Path(data_dir)
-    if not root.exists():
-        raise DatasetError(f"{root}: data_dir does not exist")
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a dataset (expected a folder of images + .txt captions, "
-                           f"a metadata .json or .tar shards)")
-    records = scan_folder(root, stats)
-    if not records:
-        tars = sorted(str(p) for p in root.rglob("*.tar"))
-        if tars:
-            return _tar_dataset(tars, kwargs)
-    return BucketDataset(records, source=str(root), **map_kwargs)
+    if not os.path.isdir(data_dir):
+        raise DatasetError(f"{data_dir}: data_dir does not exist" if not os.path.exists(data_dir) else f"{data_dir}: "
+                           "not a folder of images (pass a metadata .json as --metadata_files, tar shards as "
+                           "--train_shards)")
+    records = scan_folder(data_dir, stats)
+    if not records and any(Path(data_dir).rglob("*.tar")):
+        raise DatasetError(f"{data_dir}: no images but .tar files: pass tar shards as --train_shards")
+    return BucketDataset(records, source=str(data_dir), **options)
 
 
-def _tar_dataset(shards: list[str], kwargs: dict) -> TarShardDataset:
-    if any(kwargs.get(k) is not None for k in _MAP_ONLY):
-        raise DatasetError("latent / text caches need a folder or metadata source, not streamed tar shards")
-    return TarShardDataset(shards, **{k: v for k, v in kwargs.items() if k not in _MAP_ONLY})
+def open_stream(train_shards: str | Sequence[str], **options) -> ShardStream:
+    """A ShardStream over brace / glob patterns or paths (see find_shards); options as ShardStream's (no caches:
+    TrainConfig refuses them with --train_shards)."""
+    return ShardStream(find_shards(train_shards), **options)
