@@ -88,7 +88,8 @@ def build_settings(a: argparse.Namespace):
     else:
         raise UsageError("give --prompt or --prompt-file")
     height, width = a.height or a.image_size, a.width or a.image_size
-    # The latent models' factor; a model with another one (pixel space) is checked again once loaded.
+    # Every family's sides are multiples of 8 (checked here, before the output folder is read); a model with a
+    # larger multiple (a pixel model's patch times its body's downsampling) checks its own once loaded.
     if height % 8 or width % 8 or min(height, width) <= 0:
         raise UsageError(f"image size {width}x{height} must be positive multiples of 8")
     resolve_sampler(a.sampler)  # unknown name -> ValueError listing the known ones
@@ -108,10 +109,7 @@ def build_settings(a: argparse.Namespace):
         else:
             raise UsageError(f"{ckpt}: not a training output (no final/ or lora_final.safetensors)")
     if model not in PRESETS and not Path(model).exists():
-        from sdxl.patch_codec import PIXEL_PRESETS
-        if Path(model).name != model or model not in PIXEL_PRESETS:  # a path, or an unknown name
-            raise UsageError(f"{model}: no such model file or folder, and not a preset "
-                             f"({', '.join([*PRESETS, *PIXEL_PRESETS])})")
+        raise UsageError(f"{model}: no such model file or folder, and not a preset ({', '.join(PRESETS)})")
     if a.vae and not Path(a.vae).exists():
         raise UsageError(f"{a.vae}: no such VAE file or folder")
     for spec in a.lora_checkpoint:

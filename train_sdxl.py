@@ -21,15 +21,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"train_sdxl.py: error: {e}", file=sys.stderr)
         return 2
-    if cfg.demo or cfg.model_type == "pixel":
-        from training import pixel
-        runner = pixel.main
-    else:
-        from training.loop import main as runner
     from sdxl.weights import CheckpointError
     from training.data import DatasetError
+    from training.loop import main as train
     try:
-        return runner(cfg, given)
+        return train(cfg)
     except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as e:
         print(f"train_sdxl.py: error: {e}", file=sys.stderr)
         return 2

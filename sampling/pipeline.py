@@ -1,9 +1,8 @@
 """Text -> images with an SDXL bundle: `generate(model, prompts, ...)`.
 
-The same steps as the reference StableDiffusionXLPipeline (text encoding with zeroed empty negatives,
-micro-conditioning, scaled initial noise, CFG on one batched UNet call, the scheduler's sigmas and timesteps,
-VAE decode), written over the pure sampler functions of `sdxl.samplers`. Image i's noise comes from its own
-seed, so a batch gives the same images as the same prompts made one by one, on any number of devices.
+The steps of the reference StableDiffusionXLPipeline (zeroed empty negatives, micro-conditioning, scaled initial
+noise, CFG on one batched UNet call, the scheduler's sigmas, VAE decode) over the sampler functions of
+`sdxl.samplers`. Image i's noise comes from its own seed: a batch equals its prompts made one by one, on any device.
 """
 from __future__ import annotations
 
@@ -14,8 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sdxl.diffusion import get_alphas_cumprod
-from sdxl.samplers import cfg_denoiser, make_denoiser, resolve_sampler, schedule_for
+from sdxl.samplers import cfg_denoiser
 
 
 def micro_conditioning(num_ids: int, height: int, width: int, aesthetic_score: float) -> list[float]:
@@ -31,29 +29,10 @@ def image_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-def initial_noise(seed: int | Sequence[int], latents: torch.Tensor | None, batch: int,
-                  shape: tuple[int, ...]) -> torch.Tensor:
-    """The given unit-variance `latents` (checked), or per-image noise from seed + i (or a list of seeds)."""
-    if latents is None:
-        seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
-        if len(seeds) != batch:
-            raise ValueError(f"{len(seeds)} seeds for {batch} prompts")
-        latents = image_noise(seeds, shape)
-    if tuple(latents.shape) != (batch, *shape):
-        raise ValueError(f"latents must have shape {(batch, *shape)}, got {tuple(latents.shape)}")
-    return latents
-
-
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL, rounded as the reference pipeline's postprocessing."""
     arr = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(np.ascontiguousarray(a.permute(1, 2, 0).cpu().numpy())) for a in arr]
-
-
-def check_size(model, height: int, width: int) -> None:
-    f = model.vae.config.downsample_factor
-    if height % f or width % f or height <= 0 or width <= 0:
-        raise ValueError(f"image size {width}x{height} must be positive multiples of {f}")
 
 
 @torch.no_grad()
@@ -64,27 +43,30 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
              clip_skip: int | None = None, spacing: str = "leading", eta: float | None = None,
              aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, output_type: str = "pil",
              callback=None):
-    """Images for `prompts` (a string or a list).
+    """Images for `prompts` (a string or a list), from any model family (`sdxl.load_model`).
 
     seed: an int gives image i the seed `seed + i`; a list gives each image's seed. latents: unit-variance
-    noise (B, 4, H/8, W/8) instead, as the reference pipeline's `latents`. guidance_interval: (lo, hi) in model
-    timesteps (0..1000): guidance only there. sampler: any name of `sdxl.samplers.sampler_names()`.
-    output_type: "pil" (list of PIL images), "pt" (tensor in [-1, 1]) or "latent" (unscaled latents).
+    noise in model space (B, 4, H/8, W/8 for a latent SDXL) instead, as the reference pipeline's `latents`.
+    guidance_interval: (lo, hi) in model timesteps (0..1000): guidance only there (default: the model's).
+    sampler: a name of `sdxl.samplers.sampler_names()` the model accepts. output_type: "pil" (list of PIL images),
+    "pt" (tensor in [-1, 1]) or "latent" (model space, e.g. unscaled latents).
     """
-    if getattr(model, "is_pixel", False):  # a pixel-space model brings its own schedule and parameterisation
-        from .pixel import generate_pixel
-        return generate_pixel(model, prompts, negative_prompt, height, width, steps, guidance_scale, sampler, seed,
-                              latents, guidance_interval=guidance_interval, clip_skip=clip_skip,
-                              output_type=output_type, callback=callback)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     B = len(prompts)
-    check_size(model, height, width)
-    fn, _ = resolve_sampler(sampler)
-    unet, vae = model.unet, model.vae
+    shape = model.space(height, width)
+    fn, schedule = model.sampling(sampler, steps, spacing=spacing)
+    params = inspect.signature(fn).parameters
+    if eta is not None and "eta" not in params:
+        raise ValueError(f"eta does not apply to sampler {sampler!r}")
+    unet = model.unet
     device, dtype = unet.device, unet.dtype
-    f = vae.config.downsample_factor
-    shape = (unet.config.in_channels, height // f, width // f)
-    latents = initial_noise(seed, latents, B, shape)
+    seeds = [seed + i for i in range(B)] if isinstance(seed, int) else [int(s) for s in seed]
+    if latents is None:
+        if len(seeds) != B:
+            raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+        latents = image_noise(seeds, shape)
+    if tuple(latents.shape) != (B, *shape):
+        raise ValueError(f"latents must have shape {(B, *shape)}, got {tuple(latents.shape)}")
 
     ctx, pooled, neg_ctx, neg_pooled = model.text.encode_pair(prompts, negative_prompt, clip_skip)
     n_ids = unet.config.num_time_ids
@@ -100,21 +82,16 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
     def unet_both(x_in, t):
         return unet(x_in.to(dtype), t, *both).float()
 
-    alphas_cumprod = get_alphas_cumprod()
-    schedule = schedule_for(sampler, steps, alphas_cumprod, spacing=spacing)
     # As the reference: no guidance at all (one UNet branch) when guidance_scale <= 1.
     guided = cfg_denoiser(unet_cond, scale=max(guidance_scale, 1.0), batched_fn=unet_both, rescale=guidance_rescale,
-                          interval=guidance_interval)
-    denoiser = make_denoiser(guided, alphas_cumprod, model.config.prediction_type, schedule)
+                          interval=guidance_interval or model.guidance_interval)
+    denoiser = model.denoiser(guided, schedule)
 
     x = latents.to(device, torch.float32) * schedule.init_noise_sigma
-    kwargs = {"callback": callback}
-    if eta is not None:
-        kwargs["eta"] = eta
-    if "noise_sampler" in inspect.signature(fn).parameters:
+    kwargs = {"callback": callback, **({"eta": eta} if eta is not None else {})}
+    if "noise_sampler" in params:
         # Stochastic samplers: per-image generators again, continuing from seeds offset by a constant.
-        gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in
-                ([seed + i for i in range(B)] if isinstance(seed, int) else seed)]
+        gens = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
         kwargs["noise_sampler"] = lambda s, s_next: torch.cat(
             [torch.randn((1, *shape), generator=g) for g in gens]).to(device)
     # Sigmas stay on the CPU: 0-d CPU tensors mix freely with device tensors, and reading one per step
@@ -122,7 +99,5 @@ def generate(model, prompts: str | Sequence[str], negative_prompt: str | Sequenc
     x = fn(denoiser, x, schedule.sigmas, **kwargs) * schedule.final_scale
     if output_type == "latent":
         return x
-    sf, shift = vae.config.scaling_factor, vae.config.shift_factor
-    # One image at a time: the decode at 1024 px is the memory peak, and it keeps batches identical to singles.
-    images = torch.cat([vae.decode(z[None] / sf + shift).float() for z in x.to(vae.dtype)])
+    images = model.decode(x)
     return images if output_type == "pt" else to_pil(images)

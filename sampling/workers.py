@@ -1,10 +1,8 @@
 """Sharding generation over devices: one worker process per GPU (or CPU processes when there is none).
 
-Image i always uses prompt i mod P and seed + i, and batches have fixed boundaries (images kB .. kB+B-1, always
-made whole, even when only some of them are missing), so which worker makes a batch, and whether the run was
-resumed, changes nothing in the pixels: the output depends on the batch size but not on the device count.
-Workers write their PNGs themselves and report records to the parent, which drives one progress bar and the
-index file.
+Image i uses prompt i mod P and seed + i, and batches have fixed boundaries (images kB .. kB+B-1, always made whole),
+so neither the device count nor a resume changes the pixels. Workers write their PNGs and report records to the
+parent, which drives the progress bar and the index file.
 """
 from __future__ import annotations
 
@@ -13,8 +11,6 @@ import os
 import queue as queue_mod
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -62,45 +58,17 @@ class WorkerError(RuntimeError):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def is_pixel_model(name: str) -> bool:
-    """A pixel-space SDXL (`sdxl.patch_codec`): a folder with a pixel_config.json, or a pixel preset name."""
-    from sdxl.config import PRESETS
-    p = Path(name)
-    if p.is_file() or (name in PRESETS and not p.exists()) or (p.is_dir() and not (p / "pixel_config.json").is_file()):
-        return False  # latent models never import the pixel code
-    from sdxl.patch_codec import PIXEL_PRESETS, is_pixel_folder
-    return is_pixel_folder(p) if p.is_dir() else name in PIXEL_PRESETS
-
-
 def load_for_generation(s: Settings, device: str | torch.device):
     """The model with its LoRAs merged, checked against the image size and sampler; any failure is a LoadError."""
     import sdxl
     try:
-        if is_pixel_model(s.model):
-            from sdxl.patch_codec import load_pixel_model
-
-            from .pixel import PIXEL_SAMPLERS
-            if s.vae or s.loras:
-                raise ValueError(f"{s.model}: a pixel-space model takes no --vae or LoRA")
-            if s.sampler not in PIXEL_SAMPLERS:
-                raise ValueError(f"sampler {s.sampler!r} does not apply to a pixel model; known: "
-                                 f"{', '.join(PIXEL_SAMPLERS)}")
-            torch.manual_seed(0)  # a preset's random weights, the same in every worker (as sdxl.load_model's)
-            model = load_pixel_model(s.model, device=device, dtype=DTYPES[s.precision])
-            m = model.config.size_multiple
-            if s.height % m or s.width % m:
-                raise ValueError(f"image size {s.width}x{s.height} must be multiples of {m} for {s.model} "
-                                 f"(patch {model.config.patch_size} times the body's downsampling)")
-            return model
-        from .pipeline import check_size
         model = sdxl.load_model(s.model, device=device, dtype=DTYPES[s.precision], vae=s.vae)
         for path, scale in s.loras:
             model.load_lora(path, scale)
-        check_size(model, s.height, s.width)
+        model.space(s.height, s.width)
+        model.sampling(s.sampler, s.steps)
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise LoadError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    if s.precision == "fp16" and model.config.vae.force_upcast:
-        model.vae.float()  # the stock SDXL VAE overflows in fp16 (as the reference pipeline, decode in fp32)
     return model
 
 
@@ -112,21 +80,14 @@ def plan_batches(pending: list[int], batch_size: int, total: int) -> list[list[i
 
 def make_batch(model, s: Settings, folder: ImageFolder, batch: list[int], todo: set[int]) -> list[Record]:
     """Generate the whole `batch` (so its pixels do not depend on what was already done); save those in `todo`."""
-    if getattr(model, "is_pixel", False):
-        from .pixel import generate_pixel as fn
-    else:
-        from .pipeline import generate as fn
-    images = fn(model, [s.prompt(i) for i in batch], s.negative_prompt, height=s.height, width=s.width, steps=s.steps,
-                guidance_scale=s.cfg_scale, sampler=s.sampler, seed=[s.seed + i for i in batch])
+    from .pipeline import generate
+    images = generate(model, [s.prompt(i) for i in batch], s.negative_prompt, height=s.height, width=s.width,
+                      steps=s.steps, guidance_scale=s.cfg_scale, sampler=s.sampler, seed=[s.seed + i for i in batch])
     return [folder.save(i, im, s.prompt(i), s.parameters(i)) for i, im in zip(batch, images) if i in todo]
 
 
-def _batches(model, s: Settings, folder: ImageFolder, batches: list[list[int]], todo: set[int],
-             stop=lambda: False) -> Iterator[list[Record]]:
-    for batch in batches:
-        if stop():
-            return
-        yield make_batch(model, s, folder, batch, todo)
+def _progress(folder: ImageFolder, total: int) -> tqdm:
+    return tqdm(total=total, initial=len(folder.records), unit="img", desc="generating", dynamic_ncols=True)
 
 
 def _worker(rank: int, device: str, threads: int, s: Settings, batches: list[list[int]], todo: set[int],
@@ -142,11 +103,12 @@ def _worker(rank: int, device: str, threads: int, s: Settings, batches: list[lis
             return
         results.put(("ready", rank))
         # A parent killed with SIGKILL cannot stop us: stop by ourselves after the batch in flight.
-        parent = mp.parent_process()
-        stop = (lambda: not parent.is_alive()) if parent is not None else (lambda: False)
-        for records in _batches(model, s, ImageFolder(s.out_dir, s.fmt), batches, todo, stop):
-            results.put(("batch", records))
-        if stop():
+        folder, parent = ImageFolder(s.out_dir, s.fmt), mp.parent_process()
+        for batch in batches:
+            if not parent.is_alive():
+                break
+            results.put(("batch", make_batch(model, s, folder, batch, todo)))
+        if not parent.is_alive():
             results.cancel_join_thread()  # nobody reads the queue any more: do not wait to flush it at exit
             return
         results.put(("done", rank))
@@ -154,28 +116,21 @@ def _worker(rank: int, device: str, threads: int, s: Settings, batches: list[lis
         results.put(("error", f"worker {rank} on {device}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
-def devices_for(num_workers: int) -> list[str]:
-    if torch.cuda.is_available():
-        return [f"cuda:{i}" for i in range(num_workers)]
-    return ["cpu"] * num_workers
-
-
 def run(s: Settings, pending: list[int], folder: ImageFolder, num_workers: int, total: int) -> None:
     """Make the `pending` images with `num_workers` processes (in this process when 1), rewriting the index
     after each batch. Raises LoadError (before any image is made) when the model cannot be loaded."""
     todo = set(pending)
     batches = plan_batches(pending, s.batch_size, total)
-    num_workers = min(num_workers, len(batches))
-    done = len(folder.records)
-    if num_workers <= 1:
-        model = load_for_generation(s, devices_for(1)[0])
-        with tqdm(total=total, initial=done, unit="img", desc="generating", dynamic_ncols=True) as bar:
-            for records in _batches(model, s, folder, batches, todo):
-                bar.update(len(records))
+    num_workers = max(1, min(num_workers, len(batches)))
+    devices = [f"cuda:{i}" for i in range(num_workers)] if torch.cuda.is_available() else ["cpu"] * num_workers
+    if num_workers == 1:
+        model = load_for_generation(s, devices[0])
+        with _progress(folder, total) as bar:
+            for batch in batches:
+                bar.update(len(make_batch(model, s, folder, batch, todo)))
                 folder.write_index()
         return
 
-    devices = devices_for(num_workers)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = max(1, cpus // num_workers)
     ctx = mp.get_context("spawn")  # CUDA cannot be forked
@@ -191,29 +146,25 @@ def run(s: Settings, pending: list[int], folder: ImageFolder, num_workers: int, 
             try:
                 kind, payload = results.get(timeout=1)
             except queue_mod.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise WorkerError(f"worker {dead[0][0]} died (exit code {dead[0][1]})") from None
+                for r, p in enumerate(procs):
+                    if p.exitcode not in (None, 0):
+                        raise WorkerError(f"worker {r} died (exit code {p.exitcode})") from None
                 if not any(p.is_alive() for p in procs):
                     raise WorkerError("the generation workers exited without reporting") from None
                 continue
             if kind == "ready":
                 ready += 1
                 if ready == num_workers:  # the bar starts once every model is loaded: a load error stays one line
-                    bar = tqdm(total=total, initial=done, unit="img", desc="generating", dynamic_ncols=True)
+                    bar = _progress(folder, total)
             elif kind == "batch":
-                for rec in payload:
-                    folder.add(rec)
-                done += len(payload)
+                folder.records.update({rec.index: rec for rec in payload})
                 if bar is not None:
                     bar.update(len(payload))
                 folder.write_index()
             elif kind == "done":
                 finished += 1
-            elif kind == "load_error":
-                raise LoadError(payload)
             else:
-                raise WorkerError(payload)
+                raise (LoadError if kind == "load_error" else WorkerError)(payload)
     finally:
         if bar is not None:
             bar.close()

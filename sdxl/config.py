@@ -1,13 +1,23 @@
-"""Typed configs for every network, and the named presets.
-
-Field names follow the diffusers `config.json` where one exists, so `from_diffusers` / `to_diffusers` are
-plain renames. Presets: "sdxl-base", "sdxl-refiner" and "tiny" (SDXL-shaped, a few million parameters, for
-tests and the demo).
-"""
+"""Typed configs for every network and the named presets ("tiny": SDXL-shaped, a few million parameters). Field
+names follow the diffusers config.json where one exists, so `from_diffusers` / `to_diffusers` are plain renames."""
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+
+
+def from_dict(cls, d: dict):
+    """A config dataclass from `dataclasses.asdict` output (JSON lists back to tuples, nested configs rebuilt)."""
+    hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field {unknown[0]!r}")
+    kw = {}
+    for k in [k for k in names if k in d]:
+        v, nested = d[k], [t for t in typing.get_args(hints[k]) or (hints[k],) if dataclasses.is_dataclass(t)]
+        kw[k] = from_dict(nested[0], v) if nested and isinstance(v, dict) else tuple(v) if isinstance(v, list) else v
+    return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -32,8 +42,7 @@ class UNetConfig:
     sample_size: int = 128
 
     def __post_init__(self):
-        n = len(self.block_out_channels)
-        if not (len(self.transformer_depth) == len(self.num_attention_heads) == n):
+        if not len(self.transformer_depth) == len(self.num_attention_heads) == len(self.block_out_channels):
             raise ValueError("transformer_depth and num_attention_heads need one entry per level")
         if self.transformer_depth[-1] and self.transformer_depth[-1] != self.mid_transformer_depth:
             # diffusers derives the mid block's depth from the last level's, so they cannot differ.
@@ -47,38 +56,22 @@ class UNetConfig:
     def add_embed_in_dim(self) -> int:
         return self.pooled_dim + self.num_time_ids * self.addition_time_embed_dim
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
     def to_diffusers(self) -> dict:
         """The diffusers UNet2DConditionModel config.json for this config."""
-        n = len(self.block_out_channels)
+        same = ("sample_size", "in_channels", "out_channels", "layers_per_block", "cross_attention_dim",
+                "addition_time_embed_dim", "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift")
         return {
-            "_class_name": "UNet2DConditionModel",
-            "sample_size": self.sample_size,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
+            "_class_name": "UNet2DConditionModel", **{k: getattr(self, k) for k in same},
             "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in self.transformer_depth],
             "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(self.transformer_depth)],
             "mid_block_type": "UNetMidBlock2DCrossAttn",
             "block_out_channels": list(self.block_out_channels),
-            "layers_per_block": self.layers_per_block,
-            "transformer_layers_per_block": [max(d, 1) for d in self.transformer_depth[:n - 1]]
+            "transformer_layers_per_block": [max(d, 1) for d in self.transformer_depth[:-1]]
             + [self.mid_transformer_depth],
             "attention_head_dim": list(self.num_attention_heads),
-            "cross_attention_dim": self.cross_attention_dim,
-            "use_linear_projection": True,
-            "addition_embed_type": "text_time",
-            "addition_time_embed_dim": self.addition_time_embed_dim,
             "projection_class_embeddings_input_dim": self.add_embed_in_dim,
-            "norm_num_groups": self.norm_num_groups,
-            "norm_eps": self.norm_eps,
-            "flip_sin_to_cos": self.flip_sin_to_cos,
-            "freq_shift": self.freq_shift,
-            "act_fn": "silu",
-            "center_input_sample": False,
-            "upcast_attention": False,
+            "use_linear_projection": True, "addition_embed_type": "text_time", "act_fn": "silu",
+            "center_input_sample": False, "upcast_attention": False,
         }
 
     @classmethod
@@ -95,38 +88,23 @@ class UNetConfig:
             raise ValueError(f"unsupported mid_block_type {d.get('mid_block_type')!r}")
         per_level = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n  # noqa: E731
         layers = per_level(d.get("transformer_layers_per_block", 1))
-        if d.get("num_attention_heads") is not None:
-            heads = per_level(d["num_attention_heads"])
-        else:  # diffusers' historical misnomer: attention_head_dim holds the head count
-            heads = per_level(d.get("attention_head_dim", 8))
+        # diffusers' historical misnomer: attention_head_dim holds the head count (unless num_attention_heads is set)
+        heads = per_level(d["num_attention_heads"] if d.get("num_attention_heads") is not None
+                          else d.get("attention_head_dim", 8))
         depth = tuple(layers[i] if t.startswith("CrossAttn") else 0 for i, t in enumerate(down))
         add_dim = d.get("addition_time_embed_dim", 256)
         total, cross = d["projection_class_embeddings_input_dim"], d["cross_attention_dim"]
-        # The config does not state the pooled width. The refiner (bigG only: pooled width == context width)
-        # has 5 time ids; base-style models have 6.
+        # The pooled width is not stated: the refiner (bigG only: pooled == context width) has 5 time ids, others 6.
         ids = 5 if total - 5 * add_dim == cross else 6
         pooled = total - ids * add_dim
         if pooled <= 0:
             raise ValueError(f"cannot split projection_class_embeddings_input_dim={total} into pooled text "
                              f"+ {ids} time ids of {add_dim}")
-        return cls(
-            in_channels=d.get("in_channels", 4),
-            out_channels=d.get("out_channels", 4),
-            block_out_channels=tuple(d["block_out_channels"]),
-            layers_per_block=d.get("layers_per_block", 2),
-            transformer_depth=depth,
-            mid_transformer_depth=layers[-1],
-            num_attention_heads=tuple(heads),
-            cross_attention_dim=cross,
-            pooled_dim=pooled,
-            num_time_ids=ids,
-            addition_time_embed_dim=add_dim,
-            norm_num_groups=d.get("norm_num_groups", 32),
-            norm_eps=d.get("norm_eps", 1e-5),
-            freq_shift=d.get("freq_shift", 0),
-            flip_sin_to_cos=d.get("flip_sin_to_cos", True),
-            sample_size=d.get("sample_size", 128),
-        )
+        same = {"in_channels": 4, "out_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "norm_eps": 1e-5,
+                "freq_shift": 0, "flip_sin_to_cos": True, "sample_size": 128}
+        return cls(**{k: d.get(k, v) for k, v in same.items()}, block_out_channels=tuple(d["block_out_channels"]),
+                   transformer_depth=depth, mid_transformer_depth=layers[-1], num_attention_heads=tuple(heads),
+                   cross_attention_dim=cross, pooled_dim=pooled, num_time_ids=ids, addition_time_embed_dim=add_dim)
 
 
 @dataclass(frozen=True)
@@ -148,22 +126,9 @@ class VAEConfig:
 
     def to_diffusers(self) -> dict:
         n = len(self.block_out_channels)
-        return {
-            "_class_name": "AutoencoderKL",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": ["DownEncoderBlock2D"] * n,
-            "up_block_types": ["UpDecoderBlock2D"] * n,
-            "block_out_channels": list(self.block_out_channels),
-            "layers_per_block": self.layers_per_block,
-            "act_fn": "silu",
-            "latent_channels": self.latent_channels,
-            "norm_num_groups": self.norm_num_groups,
-            "sample_size": self.sample_size,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor or None,
-            "force_upcast": self.force_upcast,
-        }
+        return {"_class_name": "AutoencoderKL", **dataclasses.asdict(self), "act_fn": "silu",
+                "block_out_channels": list(self.block_out_channels), "shift_factor": self.shift_factor or None,
+                "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
 
     @classmethod
     def from_diffusers(cls, d: dict) -> "VAEConfig":
@@ -172,18 +137,10 @@ class VAEConfig:
                 raise ValueError(f"not an SDXL-style AutoencoderKL: down block type {t!r}")
         if d.get("use_quant_conv", True) is False or d.get("use_post_quant_conv", True) is False:
             raise ValueError("VAEs without quant_conv / post_quant_conv are not SDXL VAEs")
-        return cls(
-            in_channels=d.get("in_channels", 3),
-            out_channels=d.get("out_channels", 3),
-            block_out_channels=tuple(d["block_out_channels"]),
-            layers_per_block=d.get("layers_per_block", 2),
-            latent_channels=d.get("latent_channels", 4),
-            norm_num_groups=d.get("norm_num_groups", 32),
-            scaling_factor=d.get("scaling_factor", 0.18215),
-            shift_factor=d.get("shift_factor") or 0.0,
-            force_upcast=d.get("force_upcast", True),
-            sample_size=d.get("sample_size", 1024),
-        )
+        # diffusers' defaults where a key is missing (scaling 0.18215: an SD1-era config without the key)
+        kw = {f.name: d.get(f.name, f.default) for f in dataclasses.fields(cls)}
+        return cls(**{**kw, "block_out_channels": tuple(d["block_out_channels"]),
+                      "scaling_factor": d.get("scaling_factor", 0.18215), "shift_factor": d.get("shift_factor") or 0.0})
 
 
 @dataclass(frozen=True)
@@ -210,8 +167,13 @@ class ModelConfig:
     text_encoder_2: TextEncoderConfig = field(default_factory=lambda: CLIP_BIGG)
     prediction_type: str = "epsilon"
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes):
         return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    from_dict = classmethod(from_dict)  # the inverse of `to_dict`; unknown keys are an error
 
 
 CLIP_L = TextEncoderConfig()
@@ -240,12 +202,6 @@ TINY = ModelConfig(
 PRESETS: dict[str, ModelConfig] = {"sdxl-base": SDXL_BASE, "sdxl-refiner": SDXL_REFINER, "tiny": TINY}
 
 
-def preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
 def from_diffusers(config_dict: dict) -> UNetConfig | VAEConfig:
     """A UNetConfig or VAEConfig from a diffusers config.json, chosen by its class name."""
     cls = config_dict.get("_class_name")
@@ -254,3 +210,59 @@ def from_diffusers(config_dict: dict) -> UNetConfig | VAEConfig:
     if cls in ("UNet2DConditionModel", None):
         return UNetConfig.from_diffusers(config_dict)
     raise ValueError(f"unsupported diffusers class {cls!r}")
+
+
+@dataclass(frozen=True)
+class PixelConfig(ModelConfig):
+    """A pixel SDXL (sdxl/pixel.py): the latent UNet config whose body it uses from `entry_level` on, the patch
+    codec, the text towers, and the JiT objective and sampling defaults. No VAE."""
+    vae: None = None
+    prediction_type: str = "sample"  # the net predicts clean pixels
+    patch_size: int = 16
+    entry_level: int = 1  # the body starts at down_blocks[entry_level]
+    codec_hidden: int = 512
+    codec_blocks: int = 3
+    noise_scale: float = 1.0  # e ~ N(0, noise_scale^2): 1 at 256 px, 2 at 512 px in JiT
+    t_eps: float = 0.05  # velocity = (x - z) / max(1 - t, t_eps)
+    logit_mean: float = -0.8
+    logit_std: float = 0.8
+    flow_shift: float = 1.0  # sampling schedule s' = k s / (1 + (k - 1) s)
+    guidance_interval: tuple[float, float] = (0.1, 1.0)  # CFG only for t in this range (JiT t, 1 = clean)
+
+    def __post_init__(self):
+        n = len(self.unet.block_out_channels)
+        if not 1 <= self.entry_level <= n - 1:
+            raise ValueError(f"entry_level must be in [1, {n - 1}], got {self.entry_level}")
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be positive, got {self.patch_size}")
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the patch times the body's own downsampling."""
+        return self.patch_size * 2 ** (len(self.unet.block_out_channels) - 1 - self.entry_level)
+
+
+def pixel_config_from_latent(cfg: ModelConfig, base_resolution: int = 64, **kw) -> PixelConfig:
+    """The pixel model whose body is `cfg`'s UNet; `--base_resolution 64|32` (the body's entry side at 1024 px)
+    picks patch 16 at level 1 or patch 32 at level 2, with the seed's codec widths (512 / 768)."""
+    table = {64: (16, 1), 32: (32, 2)}
+    if base_resolution not in table:
+        raise ValueError(f"base_resolution must be 64 or 32, got {base_resolution}")
+    patch, level = table[base_resolution]
+    hidden = kw.pop("codec_hidden", 512 if patch == 16 else 768)
+    if cfg.unet.block_out_channels[0] < 320:  # a tiny test UNet: keep the codec as small
+        hidden = min(hidden, 4 * cfg.unet.block_out_channels[0])
+    return PixelConfig(unet=cfg.unet, patch_size=patch, entry_level=level, codec_hidden=hidden,
+                       codec_blocks=kw.pop("codec_blocks", 3 if patch == 16 else 4), text_encoder=cfg.text_encoder,
+                       text_encoder_2=cfg.text_encoder_2, **kw)
+
+
+# The built-in demo: ~2M parameters, 64 px images in 16 px patches; trains on two CPU cores in minutes.
+PRESETS["pixel-demo"] = PixelConfig(
+    unet=UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=1, transformer_depth=(0, 1, 1),
+                    mid_transformer_depth=1, num_attention_heads=(1, 2, 2), cross_attention_dim=64, pooled_dim=32,
+                    addition_time_embed_dim=8, norm_num_groups=16, sample_size=8),
+    patch_size=16, entry_level=1, codec_hidden=128, codec_blocks=1,
+    text_encoder=TINY.text_encoder, text_encoder_2=TINY.text_encoder_2,
+)
+PRESETS["pixel-tiny"] = pixel_config_from_latent(TINY, 64)

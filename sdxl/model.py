@@ -11,16 +11,18 @@ checked key by key and shape by shape from its header before any tensor is read.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import convert
-from .config import PRESETS, ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from . import convert, diffusion
+from .config import PRESETS, ModelConfig, PixelConfig, UNetConfig, VAEConfig
+from .pixel import PixelSDXL, is_pixel_folder, load_pixel_folder, pixel_from_latent, pixel_preset
+from .samplers import make_denoiser, resolve_sampler, schedule_for
 from .text_encoders import CLIPTokenizer, DualCLIP, text_encoder_config
 from .unet import UNet
 from .vae import AutoencoderKL, load_vae
@@ -37,8 +39,65 @@ SCHEDULER_CONFIG = {
 _META_KEY = "sdxl_mini_config"  # safetensors metadata entry holding the ModelConfig of a single file
 
 
+@dataclass
+class DDPMObjective:
+    """Noise latents at sampled timesteps, predict, and return the per-sample (weighted) MSE.
+
+    x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with eps (+ noise_offset * a per-channel shift) and t drawn from
+    each sample's own generator; the target is the model's parameterisation (eps / v / x0), or v for every model
+    with loss_type "velocity" (the prediction converted to v first); min_snr_gamma weights by Min-SNR.
+    """
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+    loss_type: str = "native"
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    t_range: tuple[int, int] | None = None
+
+    def noisy(self, x0: torch.Tensor, generators: list[torch.Generator]):
+        """(x_t, t, noise, abar), each sample's draws from its own generator in a fixed order."""
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.stack([torch.randn(x0.shape[1], 1, 1, generator=g)
+                                                             for g in generators])
+        t = torch.cat([diffusion.sample_timesteps(1, self.timestep_sampling, mean=self.logit_mean,
+                                                  std=self.logit_std, t_range=self.t_range, generator=g)
+                       for g in generators])
+        noise, t = noise.to(x0.device), t.to(x0.device)
+        abar = self.alphas_cumprod.to(x0.device)[t]
+        return diffusion.add_noise(x0, noise, abar), t, noise, abar
+
+    def loss(self, net, x0: torch.Tensor, cond: tuple, generators: list[torch.Generator]) -> torch.Tensor:
+        x_t, t, noise, abar = self.noisy(x0, generators)
+        pred, kind = net(x_t, t, *cond).float(), self.prediction_type
+        if self.loss_type == "velocity":
+            pred = diffusion.v_target(diffusion.to_x0(pred, x_t, abar, kind), diffusion.to_eps(pred, x_t, abar, kind),
+                                      abar)
+            kind = "v_prediction"
+        loss = (pred - diffusion.training_target(x0, noise, abar, kind)).pow(2).mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            loss = loss * diffusion.min_snr_weight(abar / (1 - abar), self.min_snr_gamma, kind)
+        return loss
+
+
 class SDXL(nn.Module):
-    """The bundle: `.unet`, `.vae`, `.text` (DualCLIP) and `.config` (ModelConfig)."""
+    """The bundle: `.unet`, `.vae`, `.text` (DualCLIP) and `.config` (ModelConfig).
+
+    Its family surface, which the training loop and `generate()` ask and nothing else does (the pixel family,
+    `sdxl.pixel.PixelSDXL`, has the same one):
+        space(h, w) -> model-space shape (checks the size)   encode(images) -> x0   decode(x0) -> images
+        objective(**options) -> .loss(net, x0, cond, generators) per sample
+        param_groups(lr, **options) -> what trains          sampling(sampler, steps) -> (fn, schedule)
+        denoiser(model_fn, schedule) -> denoiser(x, sigma)  guidance_interval (default, model timesteps)
+    """
+    family = "latent"
+    # Training options of the pixel recipe: with a latent model each is an error.
+    unused_options = {name: "a pixel-model option (--model_type pixel)" for name in
+                      ("base_resolution", "teacher_checkpoint", "train_encoder", "lr_sdxl_unet_body")}
+    guidance_interval = None
 
     def __init__(self, config: ModelConfig, unet: UNet, vae: AutoencoderKL, text: DualCLIP):
         super().__init__()
@@ -49,26 +108,54 @@ class SDXL(nn.Module):
     def device(self) -> torch.device:
         return self.unet.device
 
+    @property
+    def autoencoder(self) -> AutoencoderKL:
+        """The network between images and model space (None for pixel models)."""
+        return self.vae
+
+    def space(self, height: int, width: int) -> tuple[int, int, int]:
+        f = self.vae.config.downsample_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise ValueError(f"image size {width}x{height} must be positive multiples of {f}")
+        return (self.unet.config.in_channels, height // f, width // f)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode_latents(images.to(self.vae.dtype))
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode_latents(x0)
+
+    def objective(self, prediction_type=None, loss_type="native", min_snr_gamma=None, noise_offset=0.0,
+                  timestep_sampling=None, logit_mean=None, logit_std=None, timestep_range=None,
+                  zero_terminal_snr=False, **unused) -> DDPMObjective:
+        return DDPMObjective(diffusion.get_alphas_cumprod(zero_terminal_snr=zero_terminal_snr),
+                             prediction_type or self.config.prediction_type, loss_type, min_snr_gamma,
+                             noise_offset, timestep_sampling or "uniform", logit_mean or 0.0,
+                             1.0 if logit_std is None else logit_std, timestep_range)
+
+    def param_groups(self, lr: float, unet_train_blocks: str = "all", **unused) -> list[dict]:
+        part = self.unet.up_blocks if unet_train_blocks == "up" else self.unet
+        return [{"name": "unet", "params": list(part.parameters()), "lr": lr}]
+
+    def sampling(self, sampler: str, steps: int, spacing: str = "leading", **unused):
+        return resolve_sampler(sampler)[0], schedule_for(sampler, steps, diffusion.get_alphas_cumprod(),
+                                                         spacing=spacing)
+
+    def denoiser(self, model_fn, schedule):
+        return make_denoiser(model_fn, diffusion.get_alphas_cumprod(), self.config.prediction_type, schedule)
+
     # ---- diffusers layout -------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write the diffusers folder layout (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/,
         scheduler/); each file is written to a temporary name and renamed."""
-        folder = Path(folder)
-        refiner = self.text.text_encoder is None
-        index = {
-            "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
-            "_diffusers_version": "0.30.0",
-            "force_zeros_for_empty_prompt": True,
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-            "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        }
-        if refiner:
-            index["requires_aesthetics_score"] = True
+        folder, refiner = Path(folder), self.text.text_encoder is None
+        clip = lambda cls: [None, None] if refiner else ["transformers", cls]  # noqa: E731
+        index = {"_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+                 "_diffusers_version": "0.30.0", "force_zeros_for_empty_prompt": True,
+                 "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": clip("CLIPTextModel"),
+                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": clip("CLIPTokenizer"),
+                 "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"], **({"requires_aesthetics_score": True} if refiner else {})}
         save_json({"_class_name": "UNet2DConditionModel", **self.config.unet.to_diffusers()}, folder / "unet" /
                   "config.json")
         save_safetensors(self.unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
@@ -92,25 +179,13 @@ class SDXL(nn.Module):
         sd = self.original_state_dict()
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        save_safetensors(sd, path, metadata={"format": "pt", _META_KEY: json.dumps(config_to_dict(self.config))})
+        save_safetensors(sd, path, metadata={"format": "pt", _META_KEY: json.dumps(self.config.to_dict())})
 
     def load_lora(self, path: str | os.PathLike, scale: float = 1.0, merge: bool = True):
         """Apply a LoRA file (kohya, LyCORIS, PEFT) with multiplier `scale`: merged into the weights, or
         attached as hooks (`merge=False`); returns the LoRANetwork (`.remove()` takes it off again)."""
         from .lora import load_lora
         return load_lora(self, path, scale, merge)
-
-
-def config_to_dict(cfg: ModelConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def config_from_dict(d: dict) -> ModelConfig:
-    tup = lambda c: {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}  # noqa: E731
-    return ModelConfig(unet=UNetConfig(**tup(d["unet"])), vae=VAEConfig(**tup(d["vae"])),
-                       text_encoder=TextEncoderConfig(**d["text_encoder"]) if d.get("text_encoder") else None,
-                       text_encoder_2=TextEncoderConfig(**d["text_encoder_2"]),
-                       prediction_type=d.get("prediction_type", "epsilon"))
 
 
 def build_model(cfg: ModelConfig, tokenizer: CLIPTokenizer | None = None,
@@ -169,9 +244,7 @@ def _from_folder(folder: Path, device, dtype, variant: str | None) -> SDXL:
     for name, module in (("unet", model.unet), ("vae", model.vae)):
         files = find_weights(folder / name, variant=variant)
         load_into(module, read_weights(files, dtype), str(folder / name), device)
-    sd1 = read_weights(find_weights(folder / "text_encoder", "model", variant), dtype) if tok1 else None
-    sd2 = read_weights(find_weights(folder / "text_encoder_2", "model", variant), dtype)
-    _load_text(model.text, sd1, sd2, str(folder), device, None)
+    model.text.load_folder(folder, device, dtype, variant)
     return model
 
 
@@ -184,7 +257,7 @@ def _single_file_config(path: Path, header: dict, metadata: dict[str, str]) -> M
     """The ModelConfig we recorded in the metadata, else the standard preset the keys say (base / refiner)."""
     if _META_KEY in metadata:
         try:
-            return config_from_dict(json.loads(metadata[_META_KEY]))
+            return ModelConfig.from_dict(json.loads(metadata[_META_KEY]))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable {_META_KEY} metadata ({e})") from None
     try:
@@ -225,17 +298,30 @@ def _from_single_file(path: Path, device, dtype) -> SDXL:
     return model
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               vae: str | os.PathLike | None = None, variant: str | None = None, seed: int = 0) -> SDXL:
-    """An SDXL bundle from a diffusers folder, an original-layout single file (.safetensors, or .ckpt read with
-    weights_only=True), or a preset name (random init from `seed`). `vae` replaces the VAE (folder or file,
-    e.g. the fp16-fix VAE)."""
+def model_class(path: str | os.PathLike, model_type: str | None = None) -> type:
+    """The bundle class `load_model(path, model_type=...)` returns, from names and index files only."""
     p = Path(path)
-    from .patch_codec import PIXEL_PRESETS, is_pixel_folder, load_pixel_model  # pixel-space models: no VAE
-    if (p.is_dir() and is_pixel_folder(p)) or (isinstance(path, str) and path in PIXEL_PRESETS and not p.exists()):
+    pixel = is_pixel_folder(p) if p.is_dir() else isinstance(PRESETS.get(str(path)), PixelConfig) and not p.exists()
+    return PixelSDXL if pixel or model_type == "pixel" else SDXL
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               vae: str | os.PathLike | None = None, variant: str | None = None, seed: int = 0,
+               model_type: str | None = None, base_resolution: int = 64,
+               vae_dtype: torch.dtype | None = None) -> SDXL | PixelSDXL:
+    """An SDXL bundle from a diffusers folder, an original-layout single file (.safetensors, or .ckpt read with
+    weights_only=True), a pixel-model folder, or a preset name (random init from `seed`). `vae` replaces the VAE
+    (folder or file, e.g. the fp16-fix VAE). model_type "pixel" turns a latent model into a pixel one around its
+    UNet body (`base_resolution` 64 | 32: patch 16 | 32); "latent" refuses a pixel model. vae_dtype: the VAE's
+    dtype (default `dtype`, but float32 under float16 for a VAE that overflows there, as the reference decodes)."""
+    p = Path(path)
+    if model_class(path) is PixelSDXL:
         if vae is not None:
             raise CheckpointError(f"{path}: a pixel-space model has no VAE to replace")
-        return load_pixel_model(path, device, dtype, seed)
+        if model_type == "latent":
+            raise CheckpointError(f"{path}: a pixel-space model, not a latent SDXL")
+        model = pixel_preset(str(path), seed) if not p.exists() else load_pixel_folder(p, device, dtype)
+        return model.to(device, dtype).eval().requires_grad_(False)
     if isinstance(path, str) and path in PRESETS and not p.exists():
         model = _from_preset(path, device, dtype, seed)
     elif p.is_dir():
@@ -253,4 +339,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     if vae is not None:
         model.vae = load_vae(vae, device=device, dtype=dtype, config=model.config.vae)
         model.config = model.config.replace(vae=model.vae.config)
+    if vae_dtype == torch.float16 and model.vae.config.force_upcast:
+        raise CheckpointError(f"{vae or path}: this VAE overflows in fp16 (force_upcast); use the fp16-fix VAE or a "
+                              "float32 / bfloat16 VAE")
+    if vae_dtype is not None:
+        model.vae.to(vae_dtype)
+    if model_type == "pixel":
+        model = pixel_from_latent(model, base_resolution)
     return model.eval().requires_grad_(False)

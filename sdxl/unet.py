@@ -1,8 +1,5 @@
-"""The SDXL UNet, written from scratch; parameter names are diffusers' UNet2DConditionModel names.
-
-Leaf modules first, the UNet last. Attention goes through F.scaled_dot_product_attention. Shapes: B batch,
-C channels, H/W latent height/width, L tokens, D context width.
-"""
+"""The SDXL UNet from scratch, with diffusers' UNet2DConditionModel parameter names; leaf modules first.
+Shapes: B batch, C channels, H/W latent height/width, L tokens, D context width."""
 from __future__ import annotations
 
 import math
@@ -21,15 +18,12 @@ from .weights import CheckpointError, find_weights, load_into, read_config, read
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
                        max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding: freq_i = max_period^(-i / (dim/2 - freq_shift)); [cos(t f), sin(t f)] if flipped.
-
-    Computed in float32 whatever the model dtype: t * f reaches ~1000 where fp16/bf16 lose the phase.
-    """
+    Computed in float32 whatever the model dtype: t * f reaches ~1000 where fp16/bf16 lose the phase."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
                       / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]  # (N,) -> (N, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
-                    dim=-1)
+    emb = torch.cat([args.cos(), args.sin()] if flip_sin_to_cos else [args.sin(), args.cos()], dim=-1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
@@ -46,10 +40,7 @@ class TimestepEmbedding(nn.Module):
 
 
 class ResnetBlock2D(nn.Module):
-    """GroupNorm-SiLU-Conv twice, with the time embedding added between; 1x1 conv shortcut on a width change.
-
-    `temb_dim=None` gives the VAE's variant without time conditioning.
-    """
+    """(GroupNorm-SiLU-Conv) x 2, + time embedding between (temb_dim None: the VAE's); 1x1 shortcut on width change."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int | None, groups: int = 32, eps: float = 1e-5):
         super().__init__()
@@ -83,33 +74,24 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         B, L, C = x.shape
-        # (B, L, C) -> (B, heads, L, C/heads)
-        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)
+        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)  # (B, L, C) -> (B, heads, L, C/heads)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out[0](out.transpose(1, 2).reshape(B, L, C))  # (B, heads, L, c) -> (B, L, C)
 
 
-class GEGLU(nn.Module):
-    """proj: C -> 2 * inner; value * gelu(gate) (the first half is the value, the second the gate)."""
-
-    def __init__(self, dim: int, inner: int):
-        super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
-
-
 class FeedForward(nn.Module):
+    """GEGLU: value, gate = proj(x).chunk(2); out = Linear(value * gelu(gate))."""
+
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        # Indices match diffusers ("net.0.proj", "net.2"); index 1 is its dropout.
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        # diffusers' names: "net.0.proj" (in its GEGLU module), "net.2"; index 1 is its dropout.
+        self.net = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(dim, dim * mult * 2)}), nn.Identity(),
+                                  nn.Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+        value, gate = self.net[0]["proj"](x).chunk(2, dim=-1)
+        return self.net[2](value * F.gelu(gate))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -133,13 +115,12 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """GroupNorm -> Linear proj_in -> `depth` transformer blocks over the H*W tokens -> proj_out, + residual."""
 
-    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int = 32,
-                 eps: float = 1e-6):
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, groups: int = 32, eps: float = 1e-6):
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=eps)
         self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)
+                                                 for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -147,8 +128,7 @@ class Transformer2DModel(nn.Module):
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, C, H, W) -> (B, HW, C)
         for block in self.transformer_blocks:
             h = block(h, context)
-        # (B, HW, C) -> (B, C, H, W) as a strided view: the residual add writes the result in x's layout, so
-        # there is no separate .contiguous() copy (and channels_last inputs stay channels_last).
+        # (B, HW, C) -> (B, C, H, W) as a strided view: the add writes x's layout (no copy; channels_last stays).
         return x + self.proj_out(h).view(B, H, W, C).permute(0, 3, 1, 2)
 
 
@@ -172,40 +152,44 @@ class Upsample2D(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return self.conv(F.interpolate(x, size=size, scale_factor=2.0 if size is None else None, mode="nearest"))
 
 
-def _run(module: nn.Module, ckpt: bool, *args):
-    """Call `module`, through activation checkpointing when asked and gradients are being recorded."""
-    if ckpt and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
+class _Level(nn.Module):
+    """Resnets (input widths `in_chs`), the first `n_attn` each followed by a Transformer2DModel of `depth` blocks;
+    each runs through activation checkpointing when asked and gradients are being recorded."""
+
+    def __init__(self, in_chs: list[int], out_ch: int, cfg: UNetConfig, depth: int, heads: int, n_attn: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, out_ch, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps)
+                                      for c in in_chs])
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, depth, cfg.cross_attention_dim,
+                                                            cfg.norm_num_groups, cfg.transformer_norm_eps)
+                                         for _ in range(n_attn)])
+        self.gradient_checkpointing = False
+
+    def _run(self, module: nn.Module, *args):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def layer(self, i: int, x, temb_act, context):  # resnet i, then transformer i if there is one
+        x = self._run(self.resnets[i], x, temb_act)
+        return self._run(self.attentions[i], x, context) if i < len(self.attentions) else x
 
 
-class DownBlock(nn.Module):
+class DownBlock(_Level):
     """diffusers' DownBlock2D (depth 0) or CrossAttnDownBlock2D: resnets (+ transformers), then a downsampler."""
 
     def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, depth: int, heads: int, add_downsample: bool):
-        super().__init__()
         n = cfg.layers_per_block
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, cfg.time_embed_dim,
-                                                    cfg.norm_num_groups, cfg.norm_eps) for i in range(n)])
-        self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_ch, heads, depth, cfg.cross_attention_dim, cfg.norm_num_groups,
-                                cfg.transformer_norm_eps) for _ in range(n)] if depth else [])
+        super().__init__([in_ch if i == 0 else out_ch for i in range(n)], out_ch, cfg, depth, heads, n if depth else 0)
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)] if add_downsample else [])
-        self.gradient_checkpointing = False
 
-    def forward(self, x, temb_act, context):
+    def forward(self, x, temb_act, context):  # -> (x, its skips: each resnet's output and the downsampler's)
         skips = []
-        for i, resnet in enumerate(self.resnets):
-            x = _run(resnet, self.gradient_checkpointing, x, temb_act)
-            if self.attentions:
-                x = _run(self.attentions[i], self.gradient_checkpointing, x, context)
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, temb_act, context)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -213,104 +197,59 @@ class DownBlock(nn.Module):
         return x, skips
 
 
-class UpBlock(nn.Module):
-    """diffusers' UpBlock2D / CrossAttnUpBlock2D: each resnet eats one skip (concatenated on channels)."""
+class UpBlock(_Level):
+    """diffusers' UpBlock2D / CrossAttnUpBlock2D: each resnet pops one skip (concatenated on channels)."""
 
     def __init__(self, in_ch: int, prev_ch: int, out_ch: int, cfg: UNetConfig, depth: int, heads: int,
                  add_upsample: bool):
-        super().__init__()
         n = cfg.layers_per_block + 1
         # Skip widths, last resnet first: the skip from the level's input side has `in_ch` channels.
-        self.resnets = nn.ModuleList([
-            ResnetBlock2D((prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch), out_ch,
-                          cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps) for i in range(n)])
-        self.attentions = nn.ModuleList(
-            [Transformer2DModel(out_ch, heads, depth, cfg.cross_attention_dim, cfg.norm_num_groups,
-                                cfg.transformer_norm_eps) for _ in range(n)] if depth else [])
+        super().__init__([(prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch) for i in range(n)],
+                         out_ch, cfg, depth, heads, n if depth else 0)
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)] if add_upsample else [])
-        self.gradient_checkpointing = False
 
-    def forward(self, x, skips, temb_act, context, upsample_size=None):
-        for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips.pop()], dim=1)
-            x = _run(resnet, self.gradient_checkpointing, x, temb_act)
-            if self.attentions:
-                x = _run(self.attentions[i], self.gradient_checkpointing, x, context)
+    def forward(self, x, skips, temb_act, context, size=None):  # eats `skips` last first; upsamples to `size`
+        for i in range(len(self.resnets)):
+            x = self.layer(i, torch.cat([x, skips[-1 - i]], dim=1), temb_act, context)
         for up in self.upsamplers:
-            x = up(x, upsample_size)
+            x = up(x, size)
         return x
 
 
-class MidBlock(nn.Module):
+class MidBlock(_Level):
     """UNetMidBlock2DCrossAttn: resnet -> transformer -> resnet at the lowest resolution."""
 
     def __init__(self, ch: int, cfg: UNetConfig):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps)
-                                      for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer2DModel(
-            ch, cfg.num_attention_heads[-1], cfg.mid_transformer_depth, cfg.cross_attention_dim,
-            cfg.norm_num_groups, cfg.transformer_norm_eps)])
-        self.gradient_checkpointing = False
+        super().__init__([ch, ch], ch, cfg, cfg.mid_transformer_depth, cfg.num_attention_heads[-1], 1)
 
     def forward(self, x, temb_act, context):
-        x = _run(self.resnets[0], self.gradient_checkpointing, x, temb_act)
-        x = _run(self.attentions[0], self.gradient_checkpointing, x, context)
-        return _run(self.resnets[1], self.gradient_checkpointing, x, temb_act)
-
-
-def conditioning(time_embedding: TimestepEmbedding, add_embedding: TimestepEmbedding, cfg: UNetConfig,
-                 timesteps: torch.Tensor | float, pooled: torch.Tensor, time_ids: torch.Tensor, B: int, device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """SiLU(time embedding + "text_time" embedding): what every resnet's time projection takes."""
-    t = torch.as_tensor(timesteps, device=device)
-    t = t.expand(B) if t.ndim == 0 else t.reshape(B)
-    # Micro-conditioning: each value through its own sinusoidal embedding, then concatenated with pooled text.
-    ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
-                             cfg.freq_shift).reshape(B, -1)  # (B * n_ids, E) -> (B, n_ids * E)
-    emb = time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                            cfg.freq_shift).to(dtype))
-    emb = emb + add_embedding(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1))
-    return F.silu(emb)  # every resnet applies SiLU before its time projection; do it once
-
-
-def run_levels(down_blocks, mid_block: MidBlock, up_blocks, h: torch.Tensor, temb_act: torch.Tensor,
-               context: torch.Tensor) -> torch.Tensor:
-    """Down blocks (collecting skips, h itself first), the mid block, then up blocks eating the skips."""
-    skips = [h]
-    for block in down_blocks:
-        h, block_skips = block(h, temb_act, context)
-        skips += block_skips
-    h = mid_block(h, temb_act, context)
-    for block in up_blocks:
-        block_skips = skips[-len(block.resnets):]
-        del skips[-len(block.resnets):]
-        # Upsample to the next skip's size so odd latent sizes (e.g. 1000 px / 8 at a lower level) line up.
-        h = block(h, block_skips, temb_act, context, skips[-1].shape[-2:] if skips else None)
-    return h
+        return self.layer(1, self.layer(0, x, temb_act, context), temb_act, context)
 
 
 class UNet(nn.Module):
-    """The SDXL UNet: forward(x, timesteps, context, pooled, time_ids) -> prediction shaped like x."""
+    """forward(x, timesteps, context, pooled, time_ids) -> prediction shaped like x. entry_level k > 0 (sdxl/pixel.py):
+    only the body from level k; down_blocks[:k] are parameter-free placeholders (keeping the latent UNet's indices),
+    up_blocks the first n - k levels; conv_in / conv_out are left to a subclass's `stem` / `head`."""
 
-    def __init__(self, cfg: UNetConfig):
+    def __init__(self, cfg: UNetConfig, entry_level: int = 0):
         super().__init__()
-        self.config = cfg
-        ch = cfg.block_out_channels
-        n = len(ch)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.config, self.entry_level = cfg, entry_level
+        ch, k, n = cfg.block_out_channels, entry_level, len(cfg.block_out_channels)
+        if k == 0:
+            self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embed_dim)
         self.add_embedding = TimestepEmbedding(cfg.add_embed_in_dim, cfg.time_embed_dim)
         self.down_blocks = nn.ModuleList([
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.transformer_depth[i], cfg.num_attention_heads[i],
-                      add_downsample=i < n - 1) for i in range(n)])
+                      add_downsample=i < n - 1) if i >= k else nn.Identity() for i in range(n)])
         self.mid_block = MidBlock(ch[-1], cfg)
         rch, rdepth, rheads = ch[::-1], cfg.transformer_depth[::-1], cfg.num_attention_heads[::-1]
         self.up_blocks = nn.ModuleList([
             UpBlock(rch[min(i + 1, n - 1)], rch[max(i - 1, 0)], rch[i], cfg, rdepth[i], rheads[i],
-                    add_upsample=i < n - 1) for i in range(n)])
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+                    add_upsample=i < n - 1 - k) for i in range(n - k)])
+        if k == 0:
+            self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+            self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each resnet and transformer in the backward pass instead of storing its activations."""
@@ -318,23 +257,45 @@ class UNet(nn.Module):
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = enabled
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
+    dtype = property(lambda self: self.time_embedding.linear_1.weight.dtype)
+    device = property(lambda self: self.time_embedding.linear_1.weight.device)
 
-    @property
-    def device(self) -> torch.device:
-        return self.conv_in.weight.device
+    def blank(self) -> UNet:
+        """The same network on the meta device (no memory): for plans and for gathering sharded weights."""
+        with torch.device("meta"):
+            return UNet(self.config, self.entry_level)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_in(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
                 pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) latents; timesteps scalar or (B,); context (B, L, D); pooled (B, P); time_ids (B, 6|5)."""
-        dtype = self.dtype
-        temb_act = conditioning(self.time_embedding, self.add_embedding, self.config, timesteps, pooled, time_ids,
-                                x.shape[0], x.device, dtype)
-        h = self.conv_in(x.to(dtype))
-        h = run_levels(self.down_blocks, self.mid_block, self.up_blocks, h, temb_act, context.to(dtype))
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        cfg, dtype, B = self.config, self.dtype, x.shape[0]
+        t = torch.as_tensor(timesteps, device=x.device)
+        t = t.expand(B) if t.ndim == 0 else t.reshape(B)
+        # Micro-conditioning: each value through its own sinusoidal embedding, then concatenated with pooled text.
+        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                 cfg.freq_shift).reshape(B, -1)  # (B * n_ids, E) -> (B, n_ids * E)
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
+                                                     cfg.freq_shift).to(dtype))
+        temb_act = F.silu(emb + self.add_embedding(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1)))
+        context, h = context.to(dtype), self.stem(x.to(dtype))
+        # Blocks take and return their skips (no list shared across blocks: FSDP may copy a block's inputs).
+        skips = [h]  # down blocks collect skips (h itself first); up blocks eat them, last first
+        for block in self.down_blocks[self.entry_level:]:
+            h, block_skips = block(h, temb_act, context)
+            skips += block_skips
+        h = self.mid_block(h, temb_act, context)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size so odd sizes (e.g. 1000 px / 8 at a lower level) line up.
+            h = block(h, block_skips, temb_act, context, skips[-1].shape[-2:] if skips else None)
+        return self.head(h)
 
 
 def load_unet(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

@@ -18,8 +18,8 @@ from training import distributed  # noqa: E402
 _wrap = distributed.wrap
 
 
-def spy(module, d, fsdp=False, unet=None):
-    wrapped = _wrap(module, d, fsdp, unet)
+def spy(module, d, groups, fsdp=False, unet=None):
+    wrapped, groups = _wrap(module, d, groups, fsdp, unet)
     from torch.distributed.tensor import DTensor
     params = {}
     for name, p in module.named_parameters():
@@ -34,7 +34,7 @@ def spy(module, d, fsdp=False, unet=None):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"wrap_rank{d.rank}.json").write_text(json.dumps({"wrapper": type(wrapped).__name__,
                                                               "params": params}))
-    return wrapped
+    return wrapped, groups
 
 
 def train_sdxl_args_output_dir() -> str:

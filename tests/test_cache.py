@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import training.cache as cache_mod
+import sdxl.weights as weights_mod
 from training.cache import LatentCache, TextCache, caches_complete, captions_of
 from training.captions import CaptionConfig
 from training.data import DatasetError, DataWarning, ImageRecord, open_dataset
@@ -45,10 +45,6 @@ class FakeText:
         self.captions += len(captions)
         codes = torch.tensor([[float(sum(map(ord, c))), float(len(c)), float(c.count(",")), 1.0] for c in captions])
         return codes[:, None, :] * torch.arange(1, 4).view(1, 3, 1), codes * 2
-
-
-def tokenize(captions: list[str]) -> torch.Tensor:
-    return torch.tensor([[ord(ch) for ch in (c + " " * 8)[:8]] for c in captions])
 
 
 def noise(w: int, h: int, seed: int) -> Image.Image:
@@ -125,6 +121,15 @@ def test_flip_latents_and_dataset_checks(tmp_path):
         torch.testing.assert_close(item["latents"], entry["latents_flipped" if flipped else "latents"])
         seen.add(flipped)
     assert seen == {True, False}
+    # several images in one batch: every entry holds its own image's latents and mirror
+    make_folder(tmp_path / "two", sizes=((64, 64), (64, 64)))
+    two = open_dataset(tmp_path / "two", latent_cache=lat, flip_aug=True, **SMALL)
+    assert lat.build(two, vae, progress=False) == 2
+    plain = open_dataset(tmp_path / "two", **SMALL)
+    for i in range(2):
+        entry, ref = lat.load(two.records[i], two.bucket(i)), plain[i]
+        torch.testing.assert_close(entry["latents"], vae(ref["pixels"][None])[0], atol=0, rtol=0)
+        torch.testing.assert_close(entry["latents_flipped"], vae(ref["pixels"].flip(-1)[None])[0], atol=0, rtol=0)
     with pytest.raises(DatasetError, match="flip_aug"):
         open_dataset(data, latent_cache=LatentCache(tmp_path / "cache", "vae"), flip_aug=True, **SMALL)
     with pytest.raises(DatasetError, match="random_crop"):
@@ -139,19 +144,19 @@ def test_interrupted_build_leaves_no_corrupt_entry_and_resumes(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="killed"):
         lat.build(ds, FakeVAE(fail_on_call=2), batch_size=1, progress=False)  # dies on the 2nd image
     assert len(lat.missing(ds)) == 3
-    # a kill in the middle of a write: the partial file stays under its temporary name
-    real_save = cache_mod.save_file
+    # a kill in the middle of a write: the partial file never takes the entry's name
+    real_save = weights_mod.save_file
 
-    def dying_save(tensors, path):
+    def dying_save(tensors, path, metadata=None):
         with open(path, "wb") as f:
             f.write(b"half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "save_file", dying_save)
+    monkeypatch.setattr(weights_mod, "save_file", dying_save)
     with pytest.raises(KeyboardInterrupt):
         lat.build(ds, FakeVAE(), progress=False)
-    assert len(lat.missing(ds)) == 3
-    monkeypatch.setattr(cache_mod, "save_file", real_save)
+    assert len(lat.missing(ds)) == 3 and not list((tmp_path / "cache").rglob("*.tmp"))  # and no litter
+    monkeypatch.setattr(weights_mod, "save_file", real_save)
     vae = FakeVAE()
     assert lat.build(ds, vae, progress=False) == 3 and vae.images == 3  # resumes: the finished one is skipped
     assert lat.is_complete(ds)
@@ -205,13 +210,6 @@ def test_text_cache_hits_invalidation_and_completion(tmp_path):
     assert txt.build(captions_of(ds), enc, progress=False) == 1 and enc.captions == 4
     assert caches_complete(ds)
     assert TextCache(tmp_path / "cache", "te-b").build(captions_of(ds), enc, progress=False) == 3
-    # tokens kind: token ids per caption, a separate namespace; not enough to free the text encoders
-    tok = TextCache(tmp_path / "cache", "te-a", kind="tokens")
-    assert tok.build(captions_of(ds), tokenize, progress=False) == 3
-    assert tok.load("sks, caption 1, tag")["tokens"].tolist() == [ord(c) for c in "sks, cap"]
-    ds_tok = open_dataset(data, latent_cache=lat, text_cache=tok, caption_config=CaptionConfig(prefix="sks"), **SMALL)
-    assert ds_tok[1]["tokens"].tolist() == tokenize([ds_tok[1]["caption"]])[0].tolist()
-    assert not caches_complete(ds_tok)
 
 
 def test_random_captions_refuse_a_text_cache(tmp_path):
@@ -222,5 +220,3 @@ def test_random_captions_refuse_a_text_cache(tmp_path):
         open_dataset(data, text_cache=txt, caption_config=CaptionConfig(shuffle_tags=True), **SMALL)
     with pytest.raises(ValueError, match="no fixed caption"):
         captions_of(open_dataset(data, caption_config=CaptionConfig(caption_dropout=0.1), **SMALL))
-    with pytest.raises(ValueError):
-        TextCache(tmp_path, "te", kind="pixels")

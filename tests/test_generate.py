@@ -212,13 +212,11 @@ def test_simple_format_with_a_coco_prompt_file(runs):
 
 
 def test_pixel_space_model(runs):
-    from sampling.pixel import generate_pixel
-    from sdxl.patch_codec import load_pixel_model
-    import torch
-    torch.manual_seed(0)
-    model = load_pixel_model("pixel-demo")  # the preset's random weights (seed 0), as the CLI loads them
+    import sdxl
+    from sampling import generate
+    model = sdxl.load_model("pixel-demo")  # the preset's random weights (seed 0), as the CLI loads them
     for i in range(2):  # batch size 1
-        im = generate_pixel(model, [PROMPTS[0]], height=64, width=64, steps=2, sampler="euler", seed=[i])[0]
+        im = generate(model, [PROMPTS[0]], height=64, width=64, steps=2, sampler="euler", seed=[i])[0]
         path = runs["pixel"] / "images" / f"{i + 1:012d}.png"
         assert np.array_equal(pixels(path), np.asarray(im))
         assert png_text_chunks(path)["parameters"][1] == (
@@ -390,7 +388,7 @@ BAD = {
     # A pixel model's sides are multiples of its patch times the body's downsampling (32 here), checked at load.
     "size not a multiple of the pixel patch": (["--prompt", "x", "--pretrained_model", "pixel-demo", "--height", "80",
                                                 "--sampler", "euler", "--output-dir", "{d}/fresh"],
-                                               "must be multiples of 32", True),
+                                               "multiples of 32", True),
     # Loading fails inside the 2 worker processes: the message still comes back as one line.
     "corrupt model in workers": (["--prompt", "x", "--pretrained_model", "{d}/broken.safetensors", "--num-images",
                                   "2", "--num-gpus", "2", "--output-dir", "{d}/fresh"],

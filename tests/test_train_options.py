@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import sdxl
 import train_sdxl
+from sdxl.model import DDPMObjective
 from training import loop
 
 # Each resnet and transformer of the UNet's blocks: what --gradient_checkpointing recomputes.
@@ -28,17 +29,19 @@ CHECKPOINTED = re.compile(r"\.(resnets|attentions)\.\d+$")
 
 
 class Spy:
-    """Wraps sdxl.load_model, loop.build_optimizer and loop.latent_loss; records, changes nothing."""
+    """Wraps sdxl.load_model, loop.build_optimizer, loop.batch_inputs and the latent objective's loss; records,
+    changes nothing (unless `loss` replaces the objective's loss)."""
 
     def __init__(self, monkeypatch, on_load=None, loss=None, snapshots=True):
         self.snapshots = snapshots  # False: record only the learning rates
         self.model = self.init = self.optimizer = None
         self.names: dict[int, str] = {}
         self.steps: list[dict] = []       # one per optimizer step: raw, grad, before, after, lr
-        self.loss_calls: list[tuple] = []  # the arguments of each latent_loss call
+        self.loss_calls: list[tuple] = []  # (batch, objective, x0, generators) of each micro-batch
         self._raw: dict[str, torch.Tensor] = {}
         self._handles = []
-        real_load, real_build, real_loss = sdxl.load_model, loop.build_optimizer, loop.latent_loss
+        real_load, real_build, real_inputs = sdxl.load_model, loop.build_optimizer, loop.batch_inputs
+        real_loss = DDPMObjective.loss
 
         def load(*a, **kw):
             self.model = real_load(*a, **kw)
@@ -55,13 +58,18 @@ class Spy:
             self._handles += [opt.register_step_pre_hook(self._pre), opt.register_step_post_hook(self._post)]
             return opt
 
-        def latent_loss(*a, **kw):
-            self.loss_calls.append(a)
-            return (loss or real_loss)(*a, **kw)
+        def batch_inputs(batch, *a, **kw):
+            self.loss_calls.append((batch,))
+            return real_inputs(batch, *a, **kw)
+
+        def objective_loss(objective, net, x0, cond, generators):
+            self.loss_calls[-1] += (objective, x0, generators)
+            return (loss or real_loss)(objective, net, x0, cond, generators)
 
         monkeypatch.setattr(sdxl, "load_model", load)
         monkeypatch.setattr(loop, "build_optimizer", build)
-        monkeypatch.setattr(loop, "latent_loss", latent_loss)
+        monkeypatch.setattr(loop, "batch_inputs", batch_inputs)
+        monkeypatch.setattr(DDPMObjective, "loss", objective_loss)
         monkeypatch.setattr(loop, "memory_plan", lambda *a, **kw: "memory plan: not computed in this test")
         monkeypatch.setattr(loop, "save_final", lambda *a, **kw: None)
 
@@ -123,10 +131,10 @@ def ulps(actual: torch.Tensor, expected: torch.Tensor, before: torch.Tensor,
     return ((actual - expected).abs() / 2.0 ** (torch.floor(torch.log2(scale)) - 23)).max().item()
 
 
-def cheap_loss(cfg, trainee, *args, **kw):
+def cheap_loss(objective, net, *args, **kw):
     """A stand-in loss with a gradient on every trained parameter and no forward pass: for tests that need
     optimizer steps, not learning."""
-    return sum(p.float().square().sum() for p in trainee.parameters() if p.requires_grad) * 1e-6
+    return sum(p.float().square().sum() for p in net.parameters() if p.requires_grad) * 1e-6
 
 
 # ---- precision ------------------------------------------------------------------------------------------------
@@ -396,7 +404,7 @@ def test_zero_terminal_snr_and_logit_normal_reach_the_unet(train_data, tmp_path,
     a = torch.cumprod(1 - betas, 0).sqrt()
     abar = ((a - a[-1]) * a[0] / (a[0] - a[-1])) ** 2
     (call,) = spy.loss_calls
-    batch, used_abar, seeds = call[2], call[4], call[5]
+    batch, used_abar, seeds = call[0], call[1].alphas_cumprod, [g.initial_seed() for g in call[3]]
     assert used_abar[999] == 0 and torch.allclose(used_abar.double(), abar, atol=1e-6)  # measured 4e-7 (fp32)
     assert seeds == [loop.sample_seed(seed, 0, 0, i) for i in range(2)]
     (x_t, t), = seen

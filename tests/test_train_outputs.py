@@ -230,12 +230,12 @@ def test_metadata_subset_and_checkpoint_rotation(train_data, tmp_path, monkeypat
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps(listed))
     seen: list[str] = []
-    real = loop.latent_loss
+    real = loop.batch_inputs
 
-    def spy(cfg, trainee, batch, *args, **kw):
+    def spy(batch, *args, **kw):
         seen.extend(batch["caption"])
-        return real(cfg, trainee, batch, *args, **kw)
-    monkeypatch.setattr(loop, "latent_loss", spy)
+        return real(batch, *args, **kw)
+    monkeypatch.setattr(loop, "batch_inputs", spy)
     args = ["--use_lora", "--metadata_files", meta, "--batch_size", 2, "--save_interval_steps", 1,
             "--keep_checkpoints", 2, "--learning_rate", 1e-3]
     out = tmp_path / "run"
@@ -247,6 +247,24 @@ def test_metadata_subset_and_checkpoint_rotation(train_data, tmp_path, monkeypat
     assert run_plan(capsys.readouterr().out).endswith("6 steps in all (starting at 5)")
     assert ckpt_steps(out) == [5, 6]
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_save_killed_half_way_is_ignored_and_removed(train_data, tmp_path):
+    """A checkpoint is written into a temporary folder and renamed: a killed save leaves only that folder. The
+    next run resumes from the newest complete checkpoint, removes the leftover, and ends where an unbroken run
+    ends."""
+    args = ["--max_steps", 2, "--save_interval_steps", 1, "--optimizer", "sgd", "--learning_rate", 0.05]
+    assert train_sdxl.main(train_args(train_data, tmp_path / "straight", *args)) == 0
+    out = tmp_path / "run"
+    assert train_sdxl.main(train_args(train_data, out, *args[2:], "--max_steps", 1)) == 0
+    partial = out / "checkpoints" / "step_000002.4242.tmp"  # what save_checkpoint writes into first
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"half a file")
+    assert train_sdxl.main(train_args(train_data, out, *args[2:], "--max_steps", 2, "--resume", "latest")) == 0
+    assert not partial.exists() and ckpt_steps(out) == [1, 2]
+    a = load_file(str(tmp_path / "straight" / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---- --vae -------------------------------------------------------------------------------------------------------
@@ -279,14 +297,14 @@ def test_vae_flag_is_the_vae_that_encodes(train_data, tmp_path):
 
 def test_fp16_vae_that_overflows_is_refused(train_data, tmp_path, capsys):
     """--precision fp16 --vae_precision fp16 with a force_upcast VAE (the tiny preset's, like SDXL's): exit 2,
-    one line, and no training output (the refusal comes after setup wrote config.json, which is all it leaves)."""
+    one line, and nothing written: the run's folder is made only once every input has been checked."""
     out = tmp_path / "run"
     code = train_sdxl.main(train_args(train_data, out, "--max_steps", 1, "--precision", "fp16", "--vae_precision",
                                       "fp16"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert len(err) == 1 and "--vae_precision fp16 with a VAE that overflows in fp16" in err[0], err
-    assert {p.name for p in out.iterdir()} <= {"config.json"}
+    assert len(err) == 1 and "overflows in fp16" in err[0], err
+    assert not out.exists()
 
 
 # ---- stop requests in other processes -----------------------------------------------------------------------

@@ -42,9 +42,10 @@ def ref_forward(ref, x, t, ctx, pooled, ids):
 
 
 @pytest.mark.parametrize("cfg", [BASE_LIKE, REFINER_LIKE], ids=["base-like", "refiner-like"])
-@pytest.mark.parametrize("hw", [(24, 16), (16, 40), (20, 12)], ids=["tall", "wide", "odd-levels"])
+@pytest.mark.parametrize("hw", [(24, 16), (16, 40), (20, 12), (10, 14)],
+                         ids=["tall", "wide", "odd-levels", "odd-before-downsampling"])
 def test_forward_matches_reference(cfg, hw):
-    if cfg is REFINER_LIKE and hw == (20, 12):
+    if cfg is REFINER_LIKE and hw == (20, 12):  # (10, 14): 5 -> 3 -> 2, upsampled to each skip's size
         hw = (24, 40)  # three downsamples: multiples of 8
     ref, ours = make_pair(cfg)
     args = inputs(cfg, B=3, H=hw[0], W=hw[1])

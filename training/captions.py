@@ -1,23 +1,14 @@
 """Caption processing: cleanup, tag shuffling, tag dropout, caption dropout, prefix.
 
-A caption is a comma-separated list of tags ("1girl, solo, red hair, masterpiece, safe") or plain text (one
-"tag"). The seed's rule: the first `keep_tokens` tags and the last `keep_last` tags (quality, rating) never move
-and are never dropped; only the tags in between are shuffled / dropped. Every random choice comes from the
-`random.Random` passed in, so a caption is a pure function of (text, config, rng state).
-
-    cfg = CaptionConfig(shuffle_tags=True, keep_tokens=1, tag_dropout=0.1, caption_dropout=0.05, prefix="sks")
-    process_caption("a,  b ,c, d, best quality, safe", cfg, random.Random(2))  # -> "sks, a, d, b, best quality, safe"
-
-Cleanup only touches whitespace and separators: prompt-weighting syntax such as "(tag:1.2)" is neither parsed
-nor stripped, it is kept as literal text.
+A caption is a comma-separated list of tags ("1girl, solo, red hair, masterpiece, safe") or plain text (one tag).
+The first `keep_tokens` and the last `keep_last` tags (quality, rating) never move and are never dropped; only the
+tags between are shuffled / dropped, with the `random.Random` passed in: a caption is a pure function of (text,
+config, rng state). Cleanup only touches whitespace and separators: "(tag:1.2)" is kept as literal text.
 """
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
-
-_SPACES = re.compile(r"\s+")
 
 
 @dataclass(frozen=True)
@@ -33,9 +24,8 @@ class CaptionConfig:
         if self.keep_tokens < 0 or self.keep_last < 0:
             raise ValueError(f"keep_tokens and keep_last must be >= 0, got {self.keep_tokens}, {self.keep_last}")
         for name in ("tag_dropout", "caption_dropout"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def is_random(self) -> bool:
@@ -45,7 +35,7 @@ class CaptionConfig:
 
 def split_tags(text: str) -> list[str]:
     """Comma-separated tags, each with its whitespace collapsed and stripped; empty tags removed."""
-    tags = (_SPACES.sub(" ", t).strip() for t in text.split(","))
+    tags = (" ".join(t.split()) for t in text.split(","))
     return [t for t in tags if t]
 
 
@@ -67,5 +57,4 @@ def process_caption(text: str, cfg: CaptionConfig, rng: random.Random) -> str:
         rng.shuffle(middle)
     if cfg.tag_dropout > 0:
         middle = [t for t in middle if rng.random() >= cfg.tag_dropout]
-    prefix = split_tags(cfg.prefix)
-    return ", ".join(prefix + head + middle + tail)
+    return ", ".join(split_tags(cfg.prefix) + head + middle + tail)

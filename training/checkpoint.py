@@ -8,8 +8,8 @@
         state.json              step, epoch, data position, LR scheduler, grad scaler, EMA count, python and
                                 numpy RNG states, the optimizer's non-tensor state and param groups
 
-A checkpoint is written into a temporary folder and renamed into place, so a folder named step_NNNNNN is
-always complete; the oldest beyond `keep` are removed afterwards.
+Written through `sdxl.weights.atomic_path`, so a folder named step_NNNNNN is always complete; the oldest beyond
+`keep` are removed afterwards.
 """
 from __future__ import annotations
 
@@ -24,18 +24,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sdxl.weights import atomic_path
+
 _STEP_DIR = re.compile(r"step_(\d{6,})")
 
 
 def _optimizer_split(opt_state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, plain = {}, {"state": {}, "param_groups": opt_state["param_groups"]}
     for idx, st in opt_state["state"].items():
-        plain["state"][str(idx)] = {}
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"state|{idx}|{k}"] = v.detach().cpu().contiguous()
-            else:
-                plain["state"][str(idx)][k] = v
+        plain["state"][str(idx)] = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+        tensors.update({f"state|{idx}|{k}": v for k, v in st.items() if isinstance(v, torch.Tensor)})
     return tensors, plain
 
 
@@ -52,13 +50,10 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    np_state = np.random.get_state()
-    plain = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *map(lambda x: x.item() if hasattr(x, "item") else x,
-                                                                np_state[2:])]}
-    return tensors, plain
+        tensors.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    (version, st, gauss), (name, keys, *rest) = random.getstate(), np.random.get_state()
+    return tensors, {"python": [version, list(st), gauss],
+                     "numpy": [name, keys.tolist(), *(x.item() if hasattr(x, "item") else x for x in rest)]}
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
@@ -76,34 +71,31 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, trainable: dict[str, 
                     state: dict, ema: dict[str, torch.Tensor] | None = None, keep: int = 3) -> Path:
     """Write checkpoints/step_NNNNNN atomically and prune old ones. `optimizer` is its state dict; `state` is
     JSON-able (step, epoch, ...)."""
-    root = Path(root) / "checkpoints"
-    final = root / f"step_{step:06d}"
-    tmp = root / f".step_{step:06d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_plain = _optimizer_split(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    if ema is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-    rng_tensors, rng_plain = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_plain, "rng": rng_plain}) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root.parent)[:-keep]:
+    (opt_tensors, opt_plain), (rng_tensors, rng_plain) = _optimizer_split(optimizer), rng_state()
+    final = Path(root) / "checkpoints" / f"step_{step:06d}"
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        for name, tensors in (("trainable", trainable), ("optimizer", opt_tensors), ("ema", ema), ("rng", rng_tensors)):
+            if tensors is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                          str(tmp / f"{name}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_plain, "rng": rng_plain}) + "\n")
+    for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def remove_partial(output_dir: str | os.PathLike) -> None:
+    """Remove the temporary folders of saves that were killed half-way (never a complete step_NNNNNN)."""
+    root = Path(output_dir) / "checkpoints"
+    for p in root.glob("step_*.tmp") if root.is_dir() else []:  # atomic_path's <name>.<pid>.tmp
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
 def find_checkpoint(output_dir: str | os.PathLike, resume: str) -> Path:
@@ -124,12 +116,9 @@ def load_checkpoint(path: Path) -> dict:
     restored as a side effect."""
     state = json.loads((path / "state.json").read_text())
     opt_plain, rng_plain = state.pop("optimizer"), state.pop("rng")
-    ema_path = path / "ema.safetensors"
-    out = {
-        "trainable": load_file(str(path / "trainable.safetensors")),
-        "optimizer": _optimizer_join(load_file(str(path / "optimizer.safetensors")), opt_plain),
-        "ema": load_file(str(ema_path)) if ema_path.is_file() else None,
-        "state": state,
-    }
+    ema = path / "ema.safetensors"
+    out = {"trainable": load_file(str(path / "trainable.safetensors")), "state": state,
+           "optimizer": _optimizer_join(load_file(str(path / "optimizer.safetensors")), opt_plain),
+           "ema": load_file(str(ema)) if ema.is_file() else None}
     set_rng_state(load_file(str(path / "rng.safetensors")), rng_plain)
     return out

@@ -1,7 +1,5 @@
-"""One `TrainConfig` dataclass behind both the command line and `--config run.toml` (flags override the file).
-
-Every field is a flag of the same name (`--learning_rate`, ...); `help` comes from the field metadata. The
-resolved config is saved to `<output_dir>/config.json`. `validate` rejects contradictory flags before any work.
+"""One `TrainConfig` dataclass behind the command line (every field a flag of the same name, help from the field
+metadata) and `--config run.toml` (flags override the file); the resolved config is saved to <output_dir>/config.json.
 """
 from __future__ import annotations
 
@@ -12,7 +10,6 @@ import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
 
 
 class ConfigError(ValueError):
@@ -28,7 +25,8 @@ class TrainConfig:
     # model and data
     pretrained_model: str = _f("tiny", "diffusers folder, original-layout .safetensors, or preset (tiny, sdxl-base)")
     vae: str | None = _f(None, "replacement VAE folder or file (e.g. the fp16-fix VAE)")
-    model_type: str = _f("latent", "latent (SDXL with its VAE) or pixel (patch codec, see --base_resolution)",
+    model_type: str | None = _f(None, "pixel: train a pixel model around a latent model's UNet body (see "
+                                "--base_resolution); latent: refuse a pixel model (default: the model's own)",
                          choices=["latent", "pixel"])
     data_dir: str | None = _f(None, "image folder with .txt captions, a metadata .json, or tar shards")
     metadata_files: list[str] = _f(None, "metadata JSON files (image path -> {tags, image_size})", nargs="+")
@@ -69,9 +67,10 @@ class TrainConfig:
                         choices=["native", "velocity"])
     min_snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual)")
     noise_offset: float = _f(0.0, "noise offset (0.0357 in SDXL's own training)")
-    timestep_sampling: str = _f("uniform", "uniform | logit_normal", choices=["uniform", "logit_normal"])
-    logit_mean: float = _f(0.0, "logit-normal mean")
-    logit_std: float = _f(1.0, "logit-normal std")
+    timestep_sampling: str | None = _f(None, "uniform | logit_normal (default: the model's; uniform for latent "
+                                       "SDXL, logit_normal for pixel models)", choices=["uniform", "logit_normal"])
+    logit_mean: float | None = _f(None, "logit-normal mean (default: the model's; 0 latent, -0.8 pixel)")
+    logit_std: float | None = _f(None, "logit-normal std (default: the model's; 1 latent, 0.8 pixel)")
     timestep_range: str = _f("0,1000", "a,b: train timesteps in [a, b)")
     zero_terminal_snr: bool = _f(False, "rescale the schedule to zero terminal SNR (use with v_prediction)")
     # optimisation
@@ -103,6 +102,8 @@ class TrainConfig:
     ema_decay: float | None = _f(None, "keep an EMA of the trained weights with this decay (e.g. 0.9999)")
     ema_warmup: bool = _f(True, "EMA warmup: decay_t = min(decay, (1 + t) / (10 + t))")
     ema_cpu: bool = _f(False, "keep the EMA on the CPU")
+    ema_snapshots: bool = _f(False, "also keep two power-function EMAs and write snapshots to <out>/ema_snapshots "
+                                    "for `python -m training.post_hoc_ema` (any EMA length after training)")
     # checkpoints and logging
     save_interval: int | None = _f(None, "save a checkpoint every N epochs")
     save_interval_steps: int | None = _f(None, "save a checkpoint every N optimizer steps")
@@ -118,14 +119,14 @@ class TrainConfig:
     wandb: bool = _f(False, "log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = _f("sdxl-mini", "wandb project")
     wandb_run_name: str | None = _f(None, "wandb run name")
-    # pixel space (issue: pixel SDXL); see training/pixel.py
+    # pixel space: the pixel family (sdxl/pixel.py) and its three-stage recipe
     base_resolution: int = _f(64, "pixel model: body entry resolution at 1024 px, 64 (patch 16) or 32 (patch 32)",
                               choices=[64, 32])
     teacher_checkpoint: str | None = _f(None, "pixel distillation: a latent SDXL teacher")
     train_encoder: str = _f("both", "pixel distillation: which side of the codec trains",
                             choices=["encoder", "decoder", "both"])
     lr_sdxl_unet_body: float | None = _f(None, "pixel model: body learning rate (0 freezes it)")
-    demo: bool = _f(False, "train the built-in pixel-space demo (no downloads)")
+    demo: bool = _f(False, "train the built-in pixel-space demo (no downloads); sets the defaults in DEMO_DEFAULTS")
     config: str | None = _f(None, "a TOML file of these fields; flags override it")
 
     # ---- derived ----
@@ -143,24 +144,21 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
 
-_LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_mode", "lora_kind", "lora_text_encoder",
-               "lora_format")
-
+# The demo: the pixel-demo preset on procedural shapes, 64 px; any flag the user gives overrides these.
+DEMO_DEFAULTS = dict(pretrained_model="pixel-demo", model_type="pixel", output_dir="out/demo", image_size=64,
+                     bucket_step=64, batch_size=16, max_steps=4000, learning_rate=2e-3, lr_warmup_steps=50,
+                     lr_scheduler="cosine", weight_decay=0.0, caption_dropout=0.1, precision="fp32", sample_steps=50,
+                     sample_sampler="heun", sample_cfg=3.0, num_workers=0, log_every=25, ema_snapshots=True)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train_sdxl.py", description="Fine-tune SDXL (full or LoRA).",
                                 argument_default=argparse.SUPPRESS)
     for f in fields(TrainConfig):
-        kw = {"help": f.metadata.get("help", "")}
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        if f.type in ("bool",) or isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if f.metadata.get("nargs"):
-            kw["nargs"] = f.metadata["nargs"]
-        t = f.type.replace(" | None", "")
-        kw["type"] = {"int": int, "float": float, "str": str, "list[str]": str}[t]
+        kw = dict(f.metadata)  # help, and choices or nargs where the field has them
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str, "list[str]": str}[f.type.replace(" | None", "")]
         p.add_argument(f"--{f.name}", **kw)
     return p
 
@@ -177,20 +175,21 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
             raise ConfigError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
-        known = {f.name for f in fields(TrainConfig)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
         if unknown:
             raise ConfigError(f"{path}: unknown setting {unknown[0]!r}")
     values.update(ns)
-    return TrainConfig(**values), set(values)
+    given = set(values)
+    if values.get("demo"):
+        values = {**DEMO_DEFAULTS, **values}
+    return TrainConfig(**values), given
 
 
 def validate(cfg: TrainConfig, given: set[str]) -> None:
     """Contradictions and impossible values, before any work."""
-    if not cfg.use_lora:
-        set_lora = [f for f in _LORA_FLAGS if f in given]
-        if set_lora:
-            raise ConfigError(f"--{set_lora[0]} given without --use_lora")
+    set_lora = [f.name for f in fields(TrainConfig) if f.name.startswith("lora_") and f.name in given]
+    if set_lora and not cfg.use_lora:
+        raise ConfigError(f"--{set_lora[0]} given without --use_lora")
     if cfg.use_lora and cfg.train_text_encoder:
         raise ConfigError("--train_text_encoder is a full fine-tune flag; with --use_lora use --lora_text_encoder")
     if cfg.use_lora and cfg.unet_train_blocks != "all":
@@ -202,14 +201,21 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
                           "--train_text_encoder")
     if cfg.full_bf16 and cfg.precision != "bf16":
         raise ConfigError("--full_bf16 needs --precision bf16")
-    if cfg.model_type == "latent" and not cfg.demo and cfg.data_dir is None and not cfg.metadata_files \
-            and not cfg.train_shards:
+    if not cfg.demo and cfg.data_dir is None and not cfg.metadata_files and not cfg.train_shards:
         raise ConfigError("no training data: give --data_dir (or --metadata_files / --train_shards)")
-    for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "image_size", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
+    if cfg.demo and {"data_dir", "metadata_files", "train_shards", "teacher_checkpoint", "pretrained_model"} & given:
+        raise ConfigError("--demo trains the pixel-demo preset from scratch on its own data: drop the model and "
+                          "data flags")
+    if cfg.use_lora and (cfg.teacher_checkpoint or cfg.lr_sdxl_unet_body is not None):
+        raise ConfigError("--teacher_checkpoint and --lr_sdxl_unet_body choose what a full pixel run trains; "
+                          "they do not apply to --use_lora")
+    if cfg.train_shards and (cfg.save_interval or not cfg.max_steps or cfg.cache_latents or cfg.cache_text_embeddings):
+        raise ConfigError("--train_shards streams without a fixed epoch: give --max_steps (and "
+                          "--save_interval_steps, not --save_interval); the caches need a folder or metadata source")
+    for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "image_size", "keep_checkpoints",
+                 "max_steps"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ConfigError("--max_steps must be at least 1")
     min_side = cfg.min_side or cfg.image_size // 2
     if not cfg.demo and not 0 < cfg.bucket_step <= min_side:  # the demo sets its own buckets
         raise ConfigError(f"--bucket_step {cfg.bucket_step} must be in (0, smallest bucket side {min_side}]: "
@@ -227,3 +233,8 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb needs the wandb package: pip install wandb")
     cfg.timestep_bounds  # noqa: B018 - raises on a malformed range
+    from sdxl.model import model_class
+    unused = {k: v for k, v in model_class(cfg.pretrained_model, cfg.model_type).unused_options.items() if k in given}
+    if unused:
+        name, why = next(iter(unused.items()))
+        raise ConfigError(f"--{name} does not apply to {cfg.pretrained_model} ({why})")

@@ -1,8 +1,6 @@
-"""Process groups and model wrapping. Models know nothing of this; the loop calls these.
-
-torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (multi-node too); without them this is a single process.
-nccl on GPUs, gloo on CPU. `wrap` applies DDP, or FSDP2 (`fully_shard`, one unit per UNet block, then the
-root) for full fine-tunes too big for one GPU. Saved state is always the unwrapped module's (no `module.`).
+"""Process groups and model wrapping; models know nothing of this. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+(multi-node too), else this is one process; nccl on GPUs, gloo on CPU. `wrap` applies DDP, or FSDP2 (`fully_shard`,
+one unit per UNet block, then the root) for full fine-tunes too big for one GPU. Saved state is the unwrapped module's.
 """
 from __future__ import annotations
 
@@ -20,19 +18,12 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    is_main = property(lambda self: self.rank == 0)
+    enabled = property(lambda self: self.world_size > 1)
 
 
 def init() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local = (int(os.environ.get(k, v)) for k, v in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -48,12 +39,11 @@ def barrier(d: Dist) -> None:
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        x = x.clone()
-        dist.all_reduce(x, op=dist.ReduceOp.AVG if x.device.type == "cuda" else dist.ReduceOp.SUM)
-        if x.device.type != "cuda":  # gloo has no AVG
-            x /= d.world_size
-    return x
+    if not d.enabled:
+        return x
+    x, cuda = x.clone(), x.device.type == "cuda"
+    dist.all_reduce(x, op=dist.ReduceOp.AVG if cuda else dist.ReduceOp.SUM)  # gloo has no AVG
+    return x if cuda else x / d.world_size
 
 
 def any_true(flag: bool, d: Dist, device: torch.device) -> bool:
@@ -65,19 +55,23 @@ def any_true(flag: bool, d: Dist, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def wrap(module: nn.Module, d: Dist, fsdp: bool = False, unet: nn.Module | None = None) -> nn.Module:
-    """DDP (or FSDP2 when `fsdp`) around the module the loop calls; unchanged in a single process."""
+def wrap(module: nn.Module, d: Dist, groups: list[dict], fsdp: bool = False,
+         unet: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
+    """DDP, or FSDP2 when `fsdp`, around `module`, with the param `groups` re-pointed at FSDP2's new parameters."""
     if not d.enabled:
-        return module
+        return module, groups
     if fsdp:
         from torch.distributed.fsdp import fully_shard
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if unet is not None else []
-        for b in blocks:
-            fully_shard(b)
+        names = {id(p): n for n, p in module.named_parameters()}
+        group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+        for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if unet is not None else []:
+            if any(True for _ in b.parameters()):  # the pixel body's placeholder levels hold none
+                fully_shard(b)
         fully_shard(module)
-        return module
+        params = dict(module.named_parameters())
+        return module, [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names)]
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None), groups
 
 
 def full_state(module: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:
@@ -98,6 +92,28 @@ def load_full_state(module: nn.Module, optimizer, model_sd: dict, optim_sd: dict
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's `obj` (picklable, e.g. a data stream's position), in rank order, on every rank."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_module(module: nn.Module, name: str, net: nn.Module, d: Dist) -> nn.Module:
+    """A plain (unsharded) copy of `net`, the submodule `name` of the FSDP-wrapped `module`, on rank 0's CPU (a
+    collective; other ranks get `net` back). `net.blank()` builds the same network on the meta device."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.is_main:
+        return net
+    plain = net.blank()
+    plain.load_state_dict({k.removeprefix(f"{name}."): v for k, v in sd.items() if k.startswith(f"{name}.")},
+                          assign=True)
+    return plain
 
 
 def cleanup(d: Dist) -> None:

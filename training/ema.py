@@ -1,11 +1,12 @@
-"""Exponential moving average of the trained parameters, in fp32, on the training device or the CPU.
+"""Exponential moving average of the trained parameters (a LoRA's or a UNet's) in fp32, on the training device or CPU.
 
     ema_t = d_t * ema_{t-1} + (1 - d_t) * theta_t,   d_t = min(decay, (1 + t) / (10 + t)) with warmup, else decay
 
 (t counts EMA updates from 0). The warmup keeps early averages from being dominated by the initial weights.
-Works for any list of named parameters: a LoRA network's or a UNet's.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -18,34 +19,37 @@ class EMA:
         self.params = dict(named_params)
         self.shadow = {n: p.detach().to(device or p.device, torch.float32, copy=True) for n, p in self.params.items()}
 
-    def current_decay(self) -> float:
-        t = self.num_updates
-        return min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
-
     @torch.no_grad()
     def update(self) -> None:
-        d = self.current_decay()
-        for n, p in self.params.items():
-            s = self.shadow[n]
+        t = self.num_updates
+        d = min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
+        for p, s in zip(self.params.values(), self.shadow.values()):
             s.lerp_(p.detach().to(s.device, torch.float32), 1.0 - d)  # s = d s + (1 - d) p
         self.num_updates += 1
 
     @torch.no_grad()
     def swap(self) -> None:
         """Exchange the live weights with the EMA (call twice to restore): sample or save with the EMA."""
-        for n, p in self.params.items():
-            s = self.shadow[n]
+        for p, s in zip(self.params.values(), self.shadow.values()):
             tmp = p.detach().to(torch.float32, copy=True)
             p.copy_(s.to(p.device, p.dtype))
             s.copy_(tmp.to(s.device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: s for n, s in self.shadow.items()}
+        return dict(self.shadow)
 
     def load_state_dict(self, sd: dict[str, torch.Tensor], num_updates: int) -> None:
-        missing = set(self.shadow) - set(sd)
-        if missing:
-            raise ValueError(f"EMA state lacks {sorted(missing)[0]!r}")
+        if missing := sorted(set(self.shadow) - set(sd)):
+            raise ValueError(f"EMA state lacks {missing[0]!r}")
         for n in self.shadow:
             self.shadow[n].copy_(sd[n])
         self.num_updates = num_updates
+
+    @contextlib.contextmanager
+    def applied(self):
+        """with ema.applied(): the live weights are the EMA's (to sample or save with), restored afterwards."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()

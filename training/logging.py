@@ -1,12 +1,9 @@
-"""Metrics: a tqdm bar (loss, lr, images/s, peak memory), `<out>/metrics.jsonl`, and optional wandb.
-
-Only rank 0 logs. wandb is imported only when asked for; WANDB_MODE=offline works without a network.
-"""
+"""Metrics, on rank 0 only: a tqdm bar (loss, lr, images/s, peak memory), `<out>/metrics.jsonl`, and optional wandb
+(imported only when asked for; WANDB_MODE=offline works without a network)."""
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -14,9 +11,7 @@ from tqdm import tqdm
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 class Logger:
@@ -32,31 +27,23 @@ class Logger:
                 import wandb
             except ImportError:
                 raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=project, name=run_name, config=config,
-                                    dir=str(Path(output_dir)), resume="allow")
-        self.t0 = time.perf_counter()
+            self.wandb = wandb.init(project=project, name=run_name, config=config, dir=output_dir, resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        metrics = {"step": step, **metrics}
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({"step": step, **metrics}, step=step)
 
     def progress(self, step: int, **show) -> None:
-        if self.enabled:
-            self.bar.n = step
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in show.items()},
-                                 refresh=False)
-            self.bar.refresh()
+        self.bar.n = step  # the bar is disabled off rank 0
+        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in show.items()})
 
     def images(self, step: int, paths: list[Path], captions: list[str]) -> None:
-        if self.enabled and self.wandb is not None:
+        if self.wandb is not None:
             import wandb
-            self.wandb.log({"samples": [wandb.Image(str(p), caption=c) for p, c in zip(paths, captions)]},
-                           step=step)
+            self.wandb.log({"samples": [wandb.Image(str(p), caption=c) for p, c in zip(paths, captions)]}, step=step)
 
     def write(self, text: str) -> None:
         if self.enabled:

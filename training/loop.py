@@ -1,46 +1,77 @@
-"""The training loop, top to bottom: setup -> models -> what trains -> wrap -> data -> loop -> final outputs.
+"""One training loop for every model family: setup -> model -> what trains -> wrap -> data -> loop -> outputs.
 
-Exact resume: data order is a function of (seed, epoch, position) and every sample's noise and timestep come
-from a generator seeded by (seed, step, micro-batch, global position in the batch), so a resumed run, a run
-on N processes and a run on one process with the same global batch all see the same samples and noise.
+It asks the model bundle (`sdxl.model.SDXL`, `sdxl.pixel.PixelSDXL`) for its space (`encode`), objective
+(`objective(...).loss(net, x0, cond, generators)`), what trains (`param_groups`) and sampling (via `generate`),
+never for its family. Exact resume: checkpoints hold the data position (per rank for tar streams), and each
+sample's noise and timestep come from a generator seeded by (seed, step, micro-batch, position in the global batch),
+so resumed, N-process and 1-process runs with the same global batch see the same samples and noise. Empty captions
+(caption dropout) train the unconditional input `generate` uses: zeros.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import sdxl
-from sdxl import diffusion, lora
+from sdxl import lora
 from training import checkpoint, distributed
 from training.config import ConfigError, TrainConfig
 from training.logging import Logger, peak_memory_gb
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_NONFINITE = 10  # non-finite steps in a row before the run saves and stops
+POSTHOC_STDS = (0.05, 0.10)  # the power-function EMA profiles of --ema_snapshots (EDM2 keeps two)
+OBJECTIVE_OPTIONS = ("prediction_type", "loss_type", "min_snr_gamma", "noise_offset", "timestep_sampling",
+                     "logit_mean", "logit_std", "zero_terminal_snr", "train_encoder")
 
 
 class Trainee(nn.Module):
-    """What DDP wraps: the UNet, the text encoders when they train, and the LoRA network (whose adapters live
-    outside the UNet's module tree), so every trained parameter belongs to the module whose forward runs."""
+    """What DDP wraps: the network, the text encoders when they train, and the LoRA network (whose adapters live
+    outside the network's module tree), so every trained parameter belongs to the module whose forward runs.
+    forward returns the objective's per-sample loss."""
 
     def __init__(self, unet: nn.Module, text: nn.Module | None, network: nn.Module | None):
         super().__init__()
         self.unet, self.text, self.network = unet, text, network
 
-    def forward(self, x_t, t, time_ids, context=None, pooled=None, tokens=None):
+    def forward(self, objective, x0, generators, time_ids, keep, context=None, pooled=None, tokens=None):
         if tokens is not None:  # text encoders train: encode inside the wrapped forward
-            context, pooled = self.text(*tokens)
-        return self.unet(x_t, t, context, pooled, time_ids)
+            context, pooled = self.text.encode_tokens(*tokens)
+        cond = (context * keep[:, None, None], pooled * keep[:, None], time_ids)
+        return objective.loss(self.unet, x0, cond, generators)
 
 
-# ---- setup helpers (each used once, kept here so main reads top to bottom) ------------------------------------
+@dataclass
+class Run:
+    """What the steps, saves and resumes of one run share."""
+    cfg: TrainConfig
+    d: distributed.Dist
+    out: Path
+    model: nn.Module
+    trainee: Trainee
+    wrapped: nn.Module  # the trainee under DDP / FSDP (the trainee itself in one process)
+    objective: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    emas: dict
+    source: object  # the batches: EpochBatches, a ShardStream or the demo's stream
+    autocast: object
+    fsdp: bool
+
+    @property
+    def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.trainee.named_parameters() if p.requires_grad]
+
 
 def sample_seed(seed: int, step: int, micro: int, position: int) -> int:
     """A stable 63-bit seed for one sample's noise and timestep."""
@@ -58,29 +89,146 @@ def unused_text_layers(text, clip_skip: int = 0) -> list[str]:
     return layers + ["text_encoder.text_model.final_layer_norm."]
 
 
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "lion": 4, "prodigy": 16, "sgd": 4}
+
+
+def activation_bytes(unet: nn.Module, x_shape: tuple[int, ...], ctx_len: int, dtype: torch.dtype,
+                     checkpointing: bool) -> int:
+    """Bytes autograd saves for the backward pass in one forward of `unet`'s network: counted exactly on the meta
+    device (no memory, no compute), as the sum of the tensors saved by every op."""
+    total, seen = 0, set()
+
+    def pack(t):
+        nonlocal total
+        key = (id(t.untyped_storage()) if not t.is_meta else id(t), t.data_ptr() if not t.is_meta else 0)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    net, cfg = unet.blank().to(dtype), unet.config
+    net.set_gradient_checkpointing(checkpointing)
+    net.train()
+    with torch.device("meta"):
+        b = x_shape[0]
+        x = torch.zeros(x_shape, dtype=dtype, requires_grad=True)
+        args = (torch.zeros(b), torch.zeros(b, ctx_len, cfg.cross_attention_dim, dtype=dtype),
+                torch.zeros(b, cfg.pooled_dim, dtype=dtype), torch.zeros(b, cfg.num_time_ids))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(x, *args)
+    return total
+
+
+def memory_plan(cfg: TrainConfig, model, trainable: list[nn.Parameter], network, largest_bucket) -> str:
+    gib = 2**30
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if network is not None:
+        weights += sum(p.numel() * p.element_size() for p in network.parameters())
+    n_train = sum(p.numel() for p in trainable)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    opt = n_train * OPTIMIZER_STATE_BYTES[cfg.optimizer] // (2 if cfg.full_bf16 and cfg.optimizer == "adamw" else 1)
+    ema = n_train * 4 * ((1 if cfg.ema_decay else 0) + (2 if cfg.ema_snapshots else 0)) if not cfg.ema_cpu else 0
+    h, w = largest_bucket
+    act = activation_bytes(model.unet, (cfg.batch_size, *model.space(h, w)), 77, DTYPES[cfg.precision],
+                           cfg.gradient_checkpointing)
+    rows = [("weights", weights), ("gradients", grads), (f"optimizer ({cfg.optimizer})", opt), ("EMA", ema),
+            (f"activations ({w}x{h} px, batch {cfg.batch_size})", act)]
+    lines = [f"memory plan: {n_train / 1e6:.2f}M trainable parameters"]
+    lines += [f"  {name:<44s} {b / gib:8.2f} GiB" for name, b in rows]
+    lines.append(f"  {'total (before allocator overhead)':<44s} {sum(b for _, b in rows) / gib:8.2f} GiB")
+    return "\n".join(lines)
+
+
+def data_options(cfg: TrainConfig) -> dict:
+    """The dataset options of the data and caption flags, for folders, metadata and tar streams alike."""
+    from training.captions import CaptionConfig
+    return dict(image_size=cfg.image_size, step=cfg.bucket_step, min_side=cfg.min_side, max_side=cfg.max_side,
+                min_image_size=cfg.min_image_size, random_crop=cfg.random_crop, flip_aug=cfg.flip_aug,
+                caption_config=CaptionConfig(shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
+                                             tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout,
+                                             prefix=cfg.caption_prefix))
+
+
+# ---- setup ------------------------------------------------------------------------------------------------------
+
+def prepare_output(cfg: TrainConfig, d) -> Path:
+    """Refuse to overwrite another run, and remove what a save killed half-way left."""
+    out = Path(cfg.output_dir)
+    previous = checkpoint.list_checkpoints(out) + [p for p in (out / "final", out / "lora_final.safetensors")
+                                                    if p.exists()]
+    if cfg.resume is None and previous:  # never overwrite another run's results
+        raise ConfigError(f"{out}: holds another run's checkpoints or final weights ({previous[0].name}); "
+                          "pass --resume latest or another --output_dir")
+    if d.is_main:
+        checkpoint.remove_partial(out)
+    return out
+
+
+def load_for_training(cfg: TrainConfig, device, wdtype):
+    """(model, teacher or None), frozen; the teacher (pixel distillation) is a latent SDXL."""
+    model = sdxl.load_model(cfg.pretrained_model, device=device, dtype=wdtype, vae=cfg.vae, seed=cfg.seed,
+                            model_type=cfg.model_type, base_resolution=cfg.base_resolution,
+                            vae_dtype=DTYPES.get(cfg.vae_precision))
+    teacher = cfg.teacher_checkpoint and sdxl.load_model(cfg.teacher_checkpoint, device=device, dtype=wdtype,
+                                                         model_type="latent")
+    return model.requires_grad_(False), teacher or None
+
+
+def what_trains(cfg: TrainConfig, model, teacher, device, master: torch.dtype):
+    """(Trainee, LoRA network or None, optimizer param groups): LoRA adapters, or the bundle's own groups (the
+    whole UNet, its up blocks, or a stage of the pixel recipe) plus the text encoders when they train."""
+    text_trains = cfg.train_text_encoder or cfg.lora_text_encoder
+    frozen, network = unused_text_layers(model.text), None
+    lr1 = cfg.lr_text_encoder1 or cfg.learning_rate
+    lrs = {"lora_unet_": cfg.learning_rate, "lora_te1_": lr1, "lora_te2_": cfg.lr_text_encoder2 or lr1}  # kohya names
+    if cfg.use_lora:
+        network = lora.inject(model, cfg.lora_target_mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                              kind=cfg.lora_kind, text_encoders=cfg.lora_text_encoder).to(device)
+        groups = {lr: [] for lr in lrs.values()}
+        for name, adapter in network.named_children():
+            target = network.targets[name]
+            adapter.requires_grad_(not any(f"{target.component}.{target.path}.".startswith(f) for f in frozen))
+            groups[next(lr for k, lr in lrs.items() if name.startswith(k))] += [p for p in adapter.parameters()
+                                                                                if p.requires_grad]
+        param_groups = [{"params": ps, "lr": lr} for lr, ps in groups.items() if ps]
+    else:
+        param_groups = model.param_groups(cfg.learning_rate, unet_train_blocks=cfg.unet_train_blocks,
+                                          teacher=teacher, train_encoder=cfg.train_encoder,
+                                          lr_sdxl_unet_body=cfg.lr_sdxl_unet_body)
+        towers = (model.text.text_encoder, model.text.text_encoder_2) if cfg.train_text_encoder else ()
+        param_groups += [{"params": list(enc.parameters()), "lr": lr}
+                         for enc, lr in zip(towers, (lrs["lora_te1_"], lrs["lora_te2_"])) if enc is not None]
+        for p in (p for g in param_groups for p in g["params"]):
+            p.data = p.data.to(master)
+            p.requires_grad_(True)
+        for n, p in model.text.named_parameters():
+            p.requires_grad_(p.requires_grad and not any(n.startswith(f) for f in frozen))
+        param_groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
+    if cfg.gradient_checkpointing:
+        model.unet.set_gradient_checkpointing(True)
+        for enc in (model.text.text_encoder, model.text.text_encoder_2) if text_trains else ():
+            if enc is not None:
+                getattr(enc, "text_model", enc).gradient_checkpointing_enable()
+    return Trainee(model.unet, model.text if text_trains else None, network).train(), network, param_groups
+
+
 def build_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
-    name = cfg.optimizer
-    if name == "adamw":
-        return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                 weight_decay=cfg.weight_decay, fused=device.type == "cuda",
-                                 foreach=device.type != "cuda")
-    if name == "sgd":
-        return torch.optim.SGD(groups, momentum=0.9, weight_decay=cfg.weight_decay)
-    if name == "adafactor":
-        return torch.optim.Adafactor(groups, weight_decay=cfg.weight_decay)
-    modules = {"adamw8bit": ("bitsandbytes", "bitsandbytes"), "lion": ("lion_pytorch", "lion-pytorch"),
-               "prodigy": ("prodigyopt", "prodigyopt")}
-    module, package = modules[name]
+    wd, cuda = cfg.weight_decay, device.type == "cuda"
+    adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps, "weight_decay": wd}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, **adam, fused=cuda, foreach=not cuda)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, weight_decay=wd)
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, weight_decay=wd)
+    module, package, make = {
+        "adamw8bit": ("bitsandbytes", "bitsandbytes", lambda m: m.optim.AdamW8bit(groups, **adam)),
+        "lion": ("lion_pytorch", "lion-pytorch", lambda m: m.Lion(groups, weight_decay=wd)),
+        "prodigy": ("prodigyopt", "prodigyopt", lambda m: m.Prodigy(groups, weight_decay=wd))}[cfg.optimizer]
     try:
-        lib = __import__(module)
+        return make(importlib.import_module(module))
     except ImportError:
-        raise ConfigError(f"--optimizer {name} needs the {package} package: pip install {package}") from None
-    if name == "adamw8bit":
-        return lib.optim.AdamW8bit(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                   weight_decay=cfg.weight_decay)
-    if name == "lion":
-        return lib.Lion(groups, weight_decay=cfg.weight_decay)
-    return lib.Prodigy(groups, weight_decay=cfg.weight_decay)
+        raise ConfigError(f"--optimizer {cfg.optimizer} needs the {package} package: pip install {package}") from None
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -100,65 +248,88 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "lion": 4, "prodigy": 16, "sgd": 4}
 
 
-def activation_bytes(unet_cfg, batch: int, hw: tuple[int, int], ctx_len: int, dtype: torch.dtype,
-                     checkpointing: bool) -> int:
-    """Bytes autograd saves for the backward pass in one UNet forward: counted exactly on the meta device
-    (no memory, no compute), as the sum of the tensors saved by every op."""
-    from sdxl.unet import UNet
-    total, seen = 0, set()
+class EpochBatches:
+    """A map-style dataset's batches, epoch after epoch: whole accumulation groups only, resumable at
+    (epoch, position); `epoch` moves on as the last usable batch of an epoch is handed out."""
 
-    def pack(t):
-        nonlocal total
-        key = (id(t.untyped_storage()) if not t.is_meta else id(t), t.data_ptr() if not t.is_meta else 0)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-        return t
+    def __init__(self, ds, sampler, loader, accum: int):
+        self.ds, self.sampler, self.loader = ds, sampler, loader
+        self.usable = sampler.batches_per_epoch() // accum * accum
+        self.steps_per_epoch, self.epoch, self.position = self.usable // accum, 0, 0
 
-    with torch.device("meta"):
-        unet = UNet(unet_cfg).to(dtype)
-        unet.set_gradient_checkpointing(checkpointing)
-        unet.train()
-        x = torch.zeros(batch, unet_cfg.in_channels, *hw, dtype=dtype, requires_grad=True)
-        args = (torch.zeros(batch), torch.zeros(batch, ctx_len, unet_cfg.cross_attention_dim, dtype=dtype),
-                torch.zeros(batch, unet_cfg.pooled_dim, dtype=dtype), torch.zeros(batch, unet_cfg.num_time_ids))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(x, *args)
-    return total
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
 
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
 
-def memory_plan(cfg, model, trainable: list[nn.Parameter], network, largest_bucket, latent_factor: int,
-                ema_on_device: bool) -> str:
-    gib = 2**30
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if network is not None:
-        weights += sum(p.numel() * p.element_size() for p in network.parameters())
-    n_train = sum(p.numel() for p in trainable)
-    grads = sum(p.numel() * p.element_size() for p in trainable)
-    opt = n_train * OPTIMIZER_STATE_BYTES[cfg.optimizer] // (2 if cfg.full_bf16 and cfg.optimizer == "adamw" else 1)
-    ema = n_train * 4 if cfg.ema_decay and ema_on_device else 0
-    h, w = largest_bucket[0] // latent_factor, largest_bucket[1] // latent_factor
-    act = activation_bytes(model.unet.config, cfg.batch_size, (h, w), 77, DTYPES[cfg.precision],
-                           cfg.gradient_checkpointing)
-    rows = [("weights", weights), ("gradients", grads), (f"optimizer ({cfg.optimizer})", opt), ("EMA", ema),
-            (f"activations ({largest_bucket[1]}x{largest_bucket[0]} px, batch {cfg.batch_size})", act)]
-    lines = [f"memory plan: {n_train / 1e6:.2f}M trainable parameters"]
-    lines += [f"  {name:<44s} {b / gib:8.2f} GiB" for name, b in rows]
-    lines.append(f"  {'total (before allocator overhead)':<44s} {sum(b for _, b in rows) / gib:8.2f} GiB")
-    return "\n".join(lines)
+    def __iter__(self):
+        while True:
+            self.sampler.set_epoch(self.epoch, self.position)
+            self.ds.set_epoch(self.epoch)
+            batches = iter(self.loader)
+            for _ in range(self.usable - self.position):
+                batch = next(batches)
+                self.position += 1
+                if self.position == self.usable:
+                    self.epoch, self.position = self.epoch + 1, 0
+                yield batch
+            del batches
 
 
-def open_data(cfg: TrainConfig, **kw):
-    """The dataset the data flags point at, with the caption rules of the caption flags."""
-    from training.captions import CaptionConfig
-    from training.data import open_dataset
-    caption_cfg = CaptionConfig(shuffle_tags=cfg.shuffle_tags, keep_tokens=cfg.keep_tokens,
-                                tag_dropout=cfg.tag_dropout, caption_dropout=cfg.caption_dropout,
-                                prefix=cfg.caption_prefix)
-    return open_dataset(cfg.data_dir, cfg.metadata_files, cfg.train_shards, image_size=cfg.image_size,
-                        step=cfg.bucket_step, min_side=cfg.min_side, max_side=cfg.max_side,
-                        min_image_size=cfg.min_image_size, random_crop=cfg.random_crop, flip_aug=cfg.flip_aug,
-                        caption_config=caption_cfg, seed=cfg.seed, **kw)
+def open_source(cfg: TrainConfig, model, d, out: Path, autocast):
+    """(batch source, dataset or None, stats or None, whether the text encoders can leave the GPU): the demo's
+    stream, a tar-shard stream, or a folder / metadata dataset with its caches built."""
+    for h, w in bucket_sizes(cfg):
+        try:
+            model.space(h, w)
+        except ValueError as e:
+            raise ConfigError(f"bucket {w}x{h} (from --image_size / --bucket_step): {e}") from None
+    if cfg.demo:
+        from training.demo_data import DemoStream
+        return DemoStream(cfg.image_size, cfg.batch_size, cfg.seed, d.rank, cfg.caption_dropout), None, None, False
+    if cfg.train_shards:
+        from training.data import open_stream
+        return open_stream(cfg.train_shards, batch_size=cfg.batch_size, rank=d.rank, world_size=d.world_size,
+                           seed=cfg.seed, **data_options(cfg)), None, None, False
+    from training import cache as cache_mod
+    from training.buckets import BucketBatchSampler
+    from training.data import DataStats, collate, open_dataset
+    stats, cache_dir = DataStats(), Path(cfg.cache_dir or out / "cache")
+    latent_cache = cache_mod.LatentCache(cache_dir, fingerprint(model.unet if model.autoencoder is None else
+                                                                model.autoencoder), cfg.flip_aug) \
+        if cfg.cache_latents else None
+    random_captions = cfg.shuffle_tags or cfg.tag_dropout > 0 or cfg.caption_dropout > 0
+    if cfg.cache_text_embeddings and random_captions and d.is_main:
+        print("--cache_text_embeddings: captions change every step (shuffling / dropout), so they are not "
+              "cached; the text encoders stay loaded")
+    text_cache = cache_mod.TextCache(cache_dir, fingerprint(model.text)) \
+        if cfg.cache_text_embeddings and not random_captions else None
+    ds = open_dataset(cfg.data_dir, cfg.metadata_files, seed=cfg.seed, stats=stats, latent_cache=latent_cache,
+                      text_cache=text_cache, **data_options(cfg))
+    with torch.no_grad(), autocast():
+        if latent_cache is not None:
+            latent_cache.build(ds, model.encode, rank=d.rank, world_size=d.world_size, progress=d.is_main)
+        if text_cache is not None:
+            text_cache.build(cache_mod.captions_of(ds), lambda caps: tuple(
+                x.float() for x in model.text.encode(list(caps))), rank=d.rank, world_size=d.world_size)
+    distributed.barrier(d)
+    sampler = BucketBatchSampler(ds.bucket_ids, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    source = EpochBatches(ds, sampler, loader, cfg.gradient_accumulation_steps)
+    if source.steps_per_epoch < 1:
+        raise ConfigError(f"{sampler.batches_per_epoch()} batches per epoch is fewer than "
+                          f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}: lower it or --batch_size")
+    cached = latent_cache is not None and text_cache is not None and cache_mod.caches_complete(ds)
+    return source, ds, stats, cached and not cfg.sample_every
+
+
+def bucket_sizes(cfg: TrainConfig) -> list[tuple[int, int]]:
+    """Every (height, width) a batch can have: the buckets of the size flags (the demo's one square size)."""
+    from training.buckets import make_buckets
+    if cfg.demo:
+        return [(cfg.image_size, cfg.image_size)]
+    return make_buckets(cfg.image_size, cfg.bucket_step, cfg.min_side, cfg.max_side)
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -174,296 +345,234 @@ def fingerprint(module: nn.Module) -> str:
 
 # ---- the training step --------------------------------------------------------------------------------------
 
-def latent_loss(cfg: TrainConfig, trainee, batch: dict, model, alphas_cumprod: torch.Tensor, seeds: list[int],
-                device: torch.device, prediction_type: str, text_trains: bool, autocast) -> torch.Tensor:
-    """Noise the latents at sampled timesteps, predict, and return the mean (weighted) MSE of the batch."""
-    if "latents" in batch:
-        x0 = batch["latents"].to(device, torch.float32)
-    else:
-        with torch.no_grad(), autocast():
-            vae = model.vae
-            x0 = (vae.encode(batch["pixels"].to(device)).mean.float() - vae.config.shift_factor) \
-                * vae.config.scaling_factor
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
-    if cfg.noise_offset:
-        noise = noise + cfg.noise_offset * torch.stack([torch.randn(x0.shape[1], 1, 1, generator=g) for g in gens])
-    t = torch.cat([diffusion.sample_timesteps(1, cfg.timestep_sampling, mean=cfg.logit_mean, std=cfg.logit_std,
-                                              t_range=cfg.timestep_bounds, generator=g) for g in gens])
-    noise, t = noise.to(device), t.to(device)
-    abar = alphas_cumprod.to(device)[t]
-    x_t = diffusion.add_noise(x0, noise, abar)
-    kw = {"time_ids": batch["time_ids"].to(device)}
-    if "context" in batch:
-        kw.update(context=batch["context"].to(device), pooled=batch["pooled"].to(device))
-    elif text_trains:
+def batch_inputs(batch: dict, model, text_trains: bool, device, autocast) -> dict:
+    """The Trainee's inputs for a batch: x0 in model space (cached latents, or encoded now), and the text
+    conditioning (cached, encoded now by the frozen encoders, or token ids for encoders that train)."""
+    kw = {"time_ids": batch["time_ids"].to(device),
+          "keep": torch.tensor([float(bool(c)) for c in batch["caption"]], device=device)}
+    with torch.no_grad(), autocast():
+        kw["x0"] = batch["latents"].to(device, torch.float32) if "latents" in batch else \
+            model.encode(batch["pixels"].to(device)).float()
+        if "context" in batch:
+            kw.update(context=batch["context"].to(device), pooled=batch["pooled"].to(device))
+        elif not text_trains:
+            kw["context"], kw["pooled"] = (x.float() for x in model.text.encode(batch["caption"]))
+    if text_trains and "context" not in batch:
         kw["tokens"] = model.text.tokenize(batch["caption"])
-    else:
-        with torch.no_grad(), autocast():
-            kw["context"], kw["pooled"] = model.text.encode(batch["caption"])
-    with autocast():
-        pred = trainee(x_t, t, **kw).float()
-    if cfg.loss_type == "velocity":
-        pred = diffusion.v_target(diffusion.to_x0(pred, x_t, abar, prediction_type),
-                                  diffusion.to_eps(pred, x_t, abar, prediction_type), abar)
-        target, weight_type = diffusion.v_target(x0, noise, abar), "v_prediction"
-    else:
-        target, weight_type = diffusion.training_target(x0, noise, abar, prediction_type), prediction_type
-    loss = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    if cfg.min_snr_gamma:
-        loss = loss * diffusion.min_snr_weight(abar / (1 - abar), cfg.min_snr_gamma, weight_type)
-    return loss.mean()
+    return kw
+
+
+def train_step(run: Run, batches, step: int) -> tuple[torch.Tensor, int]:
+    """Forward and backward over `gradient_accumulation_steps` micro-batches: (mean loss, images seen)."""
+    cfg, d = run.cfg, run.d
+    accum, text_trains = cfg.gradient_accumulation_steps, run.trainee.text is not None
+    loss_sum, images = torch.zeros((), device=d.device), 0
+    for micro in range(accum):
+        batch = next(batches)
+        n = len(batch["caption"])
+        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, step, micro, d.rank * cfg.batch_size + i))
+                for i in range(n)]
+        kw = batch_inputs(batch, run.model, text_trains, d.device, run.autocast)
+        sync = micro == accum - 1 or not d.enabled or run.fsdp
+        with run.wrapped.no_sync() if not sync else contextlib.nullcontext(), run.autocast():
+            loss = run.wrapped(run.objective, generators=gens, **kw).mean() / accum
+        run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+        images += n * d.world_size
+    return loss_sum, images
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
 
-def main(cfg: TrainConfig, given: set[str] | None = None) -> int:
-    """Train; `given` (the fields set by flag or file) is unused here: latent defaults need no overriding."""
-    # -- setup
+def main(cfg: TrainConfig) -> int:
+    """Train, writing checkpoints, metrics and the final weights into --output_dir; 0 when done or stopped on
+    request (a checkpoint is saved), 1 when it stopped on non-finite losses (saved too)."""
     d = distributed.init()
-    out = Path(cfg.output_dir)
-    previous = checkpoint.list_checkpoints(out) + [p for p in (out / "final", out / "lora_final.safetensors")
-                                                    if p.exists()]
-    if cfg.resume is None and previous:  # never overwrite another run's results
-        raise ConfigError(f"{out}: holds another run's checkpoints or final weights ({previous[0].name}); "
-                          "pass --resume latest or another --output_dir")
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.to_json())
+    out = prepare_output(cfg, d)
     torch.manual_seed(cfg.seed)
     device, wdtype = d.device, DTYPES[cfg.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=wdtype)) if cfg.precision != "fp32" else \
         (lambda: torch.autocast(device.type, enabled=False))
-
-    # -- models: frozen parts in the training dtype; trained weights get fp32 masters unless --full_bf16
-    model = sdxl.load_model(cfg.pretrained_model, device=device, dtype=wdtype, vae=cfg.vae, seed=cfg.seed)
-    vae_dtype = DTYPES[cfg.vae_precision] if cfg.vae_precision else (
-        torch.float32 if wdtype == torch.float16 and model.vae.config.force_upcast else wdtype)
-    if wdtype == torch.float16 and vae_dtype == torch.float16 and model.vae.config.force_upcast:
-        raise ConfigError("--vae_precision fp16 with a VAE that overflows in fp16 (force_upcast); use the fp16-fix "
-                          "VAE (--vae) or --vae_precision fp32/bf16")
-    model.vae.to(vae_dtype)
-    prediction_type = cfg.prediction_type or model.config.prediction_type
-    alphas_cumprod = diffusion.get_alphas_cumprod(zero_terminal_snr=cfg.zero_terminal_snr)
-    master = wdtype if cfg.full_bf16 else torch.float32
-    network, text_trains = None, cfg.train_text_encoder or cfg.lora_text_encoder
-    model.requires_grad_(False)
-    frozen = unused_text_layers(model.text)
-    if cfg.use_lora:
-        network = lora.inject(model, cfg.lora_target_mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                              kind=cfg.lora_kind, text_encoders=cfg.lora_text_encoder).to(device)
-        for name, adapter in network.named_children():
-            path = f"{network.targets[name].component}.{network.targets[name].path}."
-            if any(path.startswith(f) for f in frozen):
-                adapter.requires_grad_(False)
-    else:
-        (model.unet.up_blocks if cfg.unet_train_blocks == "up" else model.unet).to(master).requires_grad_(True)
-        if cfg.train_text_encoder:
-            model.text.to(master).requires_grad_(True)
-            for n, p in model.text.named_parameters():
-                if any(n.startswith(f) for f in frozen):
-                    p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.unet.set_gradient_checkpointing(True)
-        if text_trains:
-            for enc in (model.text.text_encoder, model.text.text_encoder_2):
-                if enc is not None:
-                    getattr(enc, "text_model", enc).gradient_checkpointing_enable()
-    trainee = Trainee(model.unet, model.text if text_trains else None, network).train()
-
-    # -- wrap (DDP, or FSDP2 which replaces parameters: the optimizer is built after it)
-    fsdp = cfg.fsdp and d.enabled
-    trainee_wrapped = distributed.wrap(trainee, d, fsdp, model.unet)
-    named_trainable = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad]
-    trainable = [p for _, p in named_trainable]
-    lr1 = cfg.lr_text_encoder1 or cfg.learning_rate
-    lrs = {"network.lora_te1_": lr1, "network.lora_te2_": cfg.lr_text_encoder2 or lr1,
-           "text.text_encoder.": lr1, "text.text_encoder_2.": cfg.lr_text_encoder2 or lr1}
-    groups: dict[float, list] = {}
-    for n, p in named_trainable:  # one group per learning rate: UNet (or its LoRA), CLIP-L, bigG
-        lr = next((v for k, v in lrs.items() if n.startswith(k)), cfg.learning_rate)
-        groups.setdefault(lr, []).append(p)
-    optimizer = build_optimizer(cfg, [{"params": ps, "lr": lr} for lr, ps in groups.items()], device)
-
-    # -- data (and caches, after which the VAE / text encoders can leave the GPU)
-    from training import cache as cache_mod
-    from training.buckets import BucketBatchSampler
-    from training.data import BucketDataset, DataStats, collate
-    stats = DataStats()
-    cache_dir = Path(cfg.cache_dir or out / "cache")
-    latent_cache = cache_mod.LatentCache(cache_dir, fingerprint(model.vae), cfg.flip_aug) \
-        if cfg.cache_latents else None
-    random_captions = cfg.shuffle_tags or cfg.tag_dropout > 0 or cfg.caption_dropout > 0
-    if cfg.cache_text_embeddings and random_captions and d.is_main:
-        print("--cache_text_embeddings: captions change every step (shuffling / dropout), so only their token ids "
-              "are cached (per word, by the tokenizer); the text encoders stay loaded")
-    text_cache = cache_mod.TextCache(cache_dir, fingerprint(model.text)) \
-        if cfg.cache_text_embeddings and not random_captions else None
-    ds = open_data(cfg, stats=stats, latent_cache=latent_cache, text_cache=text_cache)
-    if not isinstance(ds, BucketDataset):
-        raise ConfigError("tar shards stream without a fixed epoch: this trainer needs a folder or metadata "
-                          "source for exact resume (pass --data_dir FOLDER or --metadata_files)")
-    if latent_cache is not None:
-        with torch.no_grad(), autocast():
-            latent_cache.build(ds, lambda px: ((model.vae.encode(px.to(device, vae_dtype)).mean.float()
-                                                - model.vae.config.shift_factor) * model.vae.config.scaling_factor),
-                               rank=d.rank, world_size=d.world_size, progress=d.is_main)
-    if text_cache is not None:
-        with torch.no_grad(), autocast():
-            text_cache.build(cache_mod.captions_of(ds), lambda caps: tuple(
-                x.float() for x in model.text.encode(list(caps))), rank=d.rank, world_size=d.world_size)
-    distributed.barrier(d)
-    if latent_cache is not None and text_cache is not None and cache_mod.caches_complete(ds) and not cfg.sample_every:
-        model.vae.to("cpu"), model.text.to("cpu")  # the loop never needs them: free the GPU
-    sampler = BucketBatchSampler(ds.bucket_ids, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
-    accum = cfg.gradient_accumulation_steps
-    steps_per_epoch = sampler.batches_per_epoch() // accum
-    if steps_per_epoch < 1:
-        raise ConfigError(f"{sampler.batches_per_epoch()} batches per epoch is fewer than "
-                          f"--gradient_accumulation_steps {accum}: lower it or --batch_size")
-    total_steps = cfg.max_steps or cfg.num_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    ema = None
-    if cfg.ema_decay:
-        from training.ema import EMA
-        ema = EMA(named_trainable, cfg.ema_decay, cfg.ema_warmup, "cpu" if cfg.ema_cpu else device)
-
-    # -- resume
-    step, epoch, position = 0, 0, 0
-    if cfg.resume:
-        ck = checkpoint.load_checkpoint(checkpoint.find_checkpoint(out, cfg.resume))
-        missing = {n for n, _ in named_trainable} - set(ck["trainable"])
-        if missing:
-            raise ConfigError(f"checkpoint does not match this run: no {sorted(missing)[0]!r}")
-        distributed.load_full_state(trainee, optimizer, ck["trainable"], ck["optimizer"], fsdp)
-        st = ck["state"]
-        scheduler.load_state_dict(st["scheduler"])
-        scaler.load_state_dict(st["scaler"]) if st.get("scaler") else None
-        if ema is not None and ck["ema"] is not None:
-            ema.load_state_dict(ck["ema"], st["ema_updates"])
-        step, epoch, position = st["step"], st["epoch"], st["position"]
-
-    if d.is_main:
-        print(f"{stats}\n{ds.bucket_table()}")
-        print(f"run plan: {len(ds)} images, {sampler.batches_per_epoch()} batches of {cfg.batch_size} x "
-              f"{d.world_size} device(s) per epoch, accumulation {accum}: {steps_per_epoch} steps per epoch, "
-              f"{total_steps} steps in all (starting at {step})")
-        largest = max(ds.buckets[b] for b in set(ds.bucket_ids))
-        print(memory_plan(cfg, model, trainable, network, largest, model.vae.config.downsample_factor,
-                          not cfg.ema_cpu))
+    model, teacher = load_for_training(cfg, device, wdtype)
+    trainee, network, groups = what_trains(cfg, model, teacher, device, wdtype if cfg.full_bf16 else torch.float32)
+    fsdp = cfg.fsdp and d.enabled  # FSDP2 replaces parameters: the optimizer is built after it
+    wrapped, groups = distributed.wrap(trainee, d, groups, fsdp, model.unet)
+    optimizer = build_optimizer(cfg, groups, device)
+    source, ds, stats, free_encoders = open_source(cfg, model, d, out, autocast)
+    if free_encoders:  # every latent and caption is cached: the loop never needs the encoders
+        model.text.to("cpu"), model.autoencoder.to("cpu")
+    total_steps = cfg.max_steps or cfg.num_epochs * source.steps_per_epoch
+    objective = model.objective(teacher=teacher, timestep_range=cfg.timestep_bounds,
+                                **{k: getattr(cfg, k) for k in OBJECTIVE_OPTIONS})
+    run = Run(cfg, d, out, model, trainee, wrapped, objective, optimizer,
+              torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps)),
+              torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
+              make_emas(cfg, trainee, device), source, autocast, fsdp)
+    step = resume(run)
+    if d.is_main:  # every input checked: the run's folder starts here
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json())
+        describe(run, ds, stats, network, total_steps, step)
     logger = Logger(str(out), total_steps, step, d.is_main, vars(cfg), cfg.wandb, cfg.wandb_project,
                     cfg.wandb_run_name)
-
-    stop = {"signal": False}
-    handlers = {s: signal.signal(s, lambda *_: stop.__setitem__("signal", True)) for s in
-                (signal.SIGINT, signal.SIGTERM)}
-
-    names = {n for n, _ in named_trainable}
-
-    def save(step_now: int, epoch_now: int, position_now: int) -> None:
-        model_sd, optim_sd = distributed.full_state(trainee, optimizer, fsdp)  # a collective under FSDP
-        if d.is_main:
-            checkpoint.save_checkpoint(out, step_now, trainable={n: v for n, v in model_sd.items() if n in names},
-                                       optimizer=optim_sd, ema=ema.state_dict() if ema else None,
-                                       keep=cfg.keep_checkpoints,
-                                       state={"step": step_now, "epoch": epoch_now, "position": position_now,
-                                              "scheduler": scheduler.state_dict(),
-                                              "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                                              "ema_updates": ema.num_updates if ema else 0})
-        distributed.barrier(d)
-
-    # -- loop
-    nonfinite, exit_code, t_last, images = 0, 0, time.perf_counter(), 0
-    while step < total_steps and exit_code == 0:
-        sampler.set_epoch(epoch, position)
-        ds.set_epoch(epoch)
-        batches = iter(loader)
-        while position + accum <= steps_per_epoch * accum and step < total_steps:
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(accum):
-                batch = next(batches)
-                n = len(batch["caption"])
-                seeds = [sample_seed(cfg.seed, step, micro, d.rank * cfg.batch_size + i) for i in range(n)]
-                sync = micro == accum - 1 or not d.enabled or cfg.fsdp
-                ctx = trainee_wrapped.no_sync() if not sync else _null()
-                with ctx:
-                    loss = latent_loss(cfg, trainee_wrapped, batch, model, alphas_cumprod, seeds, device,
-                                       prediction_type, text_trains, autocast) / accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-                images += n * d.world_size
-            position += accum
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-            loss_mean = distributed.all_reduce_mean(loss_sum, d)
-            if torch.isfinite(loss_mean) and torch.isfinite(norm):
-                scaler.step(optimizer)
-                scaler.update()
-                nonfinite = 0
-            else:
-                nonfinite += 1
-                scaler.update()
-                logger.write(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
-            optimizer.zero_grad(set_to_none=True)
-            lr_used = scheduler.get_last_lr()[0]  # what this step used (logged), before the update
-            scheduler.step()
-            step += 1
-            if ema is not None:
-                ema.update()
-            now = time.perf_counter()
-            if step % cfg.log_every == 0:
-                metrics = {"epoch": epoch, "loss": loss_mean.item(), "lr": lr_used,
-                           "grad_norm": norm.item(), "images_per_sec": images / max(now - t_last, 1e-9),
-                           "peak_mem_gb": peak_memory_gb(device)}
-                logger.log(step, metrics)
-                logger.progress(step, loss=metrics["loss"], lr=metrics["lr"], img_s=metrics["images_per_sec"],
-                                mem_gb=metrics["peak_mem_gb"])
-                t_last, images = now, 0
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                sample_images(cfg, model, ema, out, step, logger, d, autocast)
-            end_of_epoch = position + accum > steps_per_epoch * accum
-            next_pos = (epoch + 1, 0) if end_of_epoch else (epoch, position)
-            if nonfinite >= MAX_NONFINITE:
-                logger.write(f"{MAX_NONFINITE} non-finite steps in a row: saving and stopping")
-                save(step, *next_pos)
-                exit_code = 1
-                break
-            if distributed.any_true(stop["signal"], d, device):
-                logger.write(f"stop requested: saving step {step} and exiting")
-                save(step, *next_pos)
-                exit_code = -1
-                break
-            if (cfg.save_interval_steps and step % cfg.save_interval_steps == 0) or (
-                    end_of_epoch and cfg.save_interval and (epoch + 1) % cfg.save_interval == 0):
-                save(step, *next_pos)
-        if position + accum > steps_per_epoch * accum:  # the epoch ran out (not the step budget)
-            epoch, position = epoch + 1, 0
-        del batches
-    for s, h in handlers.items():
-        signal.signal(s, h)
+    exit_code = loop(run, logger, step, total_steps)
     logger.close()
     if exit_code == 0:
-        if fsdp:  # gather the sharded UNet into a plain one on rank 0 before writing files
-            unet_sd = {k.removeprefix("unet."): v for k, v in distributed.full_state(trainee, optimizer, True)[0]
-                       .items() if k.startswith("unet.")}
-            if d.is_main:
-                from sdxl.unet import UNet
-                with torch.device("meta"):
-                    model.unet = UNet(model.unet.config)
-                model.unet.load_state_dict(unet_sd, assign=True)
-        save_final(cfg, model, network, ema, out, d)
+        if fsdp:  # gather the sharded network into a plain one on rank 0 before writing files
+            model.unet = distributed.gather_module(trainee, "unet", model.unet, d)
+        save_final(cfg, model, network, run.emas["ema"], out, d)
+        if cfg.demo and d.is_main:
+            from training.demo_data import demo_evaluation
+            score = demo_evaluation(model.eval(), out, cfg.image_size, cfg.sample_steps, cfg.sample_cfg,
+                                    cfg.sample_sampler, cfg.seed)
+            print(f"prompt adherence (held-out captions, shape colour on pixels): {score:.3f}")
+    distributed.barrier(d)
+    del run, wrapped  # DDP's reducer holds the process group: freed after it, gloo's teardown can deadlock
     distributed.cleanup(d)
     return max(exit_code, 0)
 
 
-class _null:
-    def __enter__(self):
-        return self
+def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
+    """Steps until total_steps, a stop request (saved, -1), or MAX_NONFINITE bad steps in a row (saved, 1)."""
+    cfg, d, scaler, optimizer, emas = run.cfg, run.d, run.scaler, run.optimizer, run.emas
+    stop = {"signal": False}
+    handlers = {s: signal.signal(s, lambda *_: stop.__setitem__("signal", True)) for s in
+                (signal.SIGINT, signal.SIGTERM)}
+    trainable = [p for _, p in run.named_trainable]
+    nonfinite, exit_code, t_last, images = 0, 0, time.perf_counter(), 0
+    snapshot_every = cfg.save_interval_steps or max(1, total_steps // 10)
+    batches = iter(run.source)
+    try:
+        while step < total_steps:
+            epoch = run.source.epoch
+            loss, n = train_step(run, batches, step)
+            images += n
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
+            loss = distributed.all_reduce_mean(loss, d)
+            finite = bool(torch.isfinite(loss) and torch.isfinite(norm))
+            if finite:
+                scaler.step(optimizer)
+            scaler.update()
+            nonfinite = 0 if finite else nonfinite + 1
+            if not finite:
+                logger.write(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
+            optimizer.zero_grad(set_to_none=True)
+            lr_used = run.scheduler.get_last_lr()[0]  # what this step used (logged), before the update
+            run.scheduler.step()
+            step += 1
+            if emas["ema"] is not None:
+                emas["ema"].update()
+            if emas["power"] is not None:
+                emas["power"].update(step)
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                metrics = {"epoch": epoch, "loss": loss.item(), "lr": lr_used, "grad_norm": norm.item(),
+                           "images_per_sec": images / max(now - t_last, 1e-9), "peak_mem_gb": peak_memory_gb(d.device)}
+                logger.log(step, metrics)
+                logger.progress(step, loss=metrics["loss"], lr=lr_used, img_s=metrics["images_per_sec"],
+                                mem_gb=metrics["peak_mem_gb"])
+                t_last, images = now, 0
+            if emas["power"] is not None and d.is_main and (step % snapshot_every == 0 or step == total_steps):
+                emas["power"].save_snapshots(run.out / "ema_snapshots", step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                sample_images(cfg, run.model, emas["ema"], run.out, step, logger, d, run.autocast)
+            if nonfinite >= MAX_NONFINITE:
+                logger.write(f"{MAX_NONFINITE} non-finite steps in a row: saving and stopping")
+                exit_code = 1
+            elif distributed.any_true(stop["signal"], d, d.device):
+                logger.write(f"stop requested: saving step {step} and exiting")
+                exit_code = -1
+            end_of_epoch = run.source.epoch != epoch
+            if exit_code or (cfg.save_interval_steps and step % cfg.save_interval_steps == 0) or (
+                    end_of_epoch and cfg.save_interval and run.source.epoch % cfg.save_interval == 0):
+                save(run, step)
+            if exit_code:
+                break
+    finally:
+        del batches
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return exit_code
 
-    def __exit__(self, *exc):
-        return False
+
+
+# ---- EMA, resume, saving ------------------------------------------------------------------------------------
+
+def make_emas(cfg: TrainConfig, trainee: nn.Module, device) -> dict:
+    """{"ema": EMA of --ema_decay or None, "power": the two power-function EMAs of --ema_snapshots or None}."""
+    from training.ema import EMA
+    from training.post_hoc_ema import PowerEMA
+    named, where = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad], "cpu" if cfg.ema_cpu else device
+    return {"ema": EMA(named, cfg.ema_decay, cfg.ema_warmup, where) if cfg.ema_decay else None,
+            "power": PowerEMA(named, POSTHOC_STDS, where) if cfg.ema_snapshots else None}
+
+
+def ema_state(emas: dict) -> dict[str, torch.Tensor] | None:
+    sd = dict(emas["ema"].state_dict()) if emas["ema"] is not None else {}
+    for i, shadow in enumerate(emas["power"].shadows if emas["power"] is not None else []):
+        sd.update({f"posthoc{i}/{n}": v for n, v in shadow.items()})
+    return sd or None
+
+
+def save(run: Run, step: int) -> None:
+    """A checkpoint of everything exact resume needs, with the data position of every rank (a collective)."""
+    names = {n for n, _ in run.named_trainable}
+    model_sd, optim_sd = distributed.full_state(run.trainee, run.optimizer, run.fsdp)  # a collective under FSDP
+    data = distributed.gather_objects(run.source.state_dict(), run.d)
+    if run.d.is_main:
+        ema = run.emas["ema"]
+        checkpoint.save_checkpoint(run.out, step, trainable={n: v for n, v in model_sd.items() if n in names},
+                                   optimizer=optim_sd, ema=ema_state(run.emas), keep=run.cfg.keep_checkpoints,
+                                   state={"step": step, "data": data, "scheduler": run.scheduler.state_dict(),
+                                          "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                                          "ema_updates": ema.num_updates if ema else 0})
+    distributed.barrier(run.d)
+
+
+def resume(run: Run) -> int:
+    """Load --resume's checkpoint into everything that trains and the data source; the step to continue from."""
+    if not run.cfg.resume:
+        return 0
+    ck = checkpoint.load_checkpoint(checkpoint.find_checkpoint(run.out, run.cfg.resume))
+    missing = {n for n, _ in run.named_trainable} - set(ck["trainable"])
+    if missing:
+        raise ConfigError(f"checkpoint does not match this run: no {sorted(missing)[0]!r}")
+    distributed.load_full_state(run.trainee, run.optimizer, ck["trainable"], ck["optimizer"], run.fsdp)
+    st, saved, (ema, power) = ck["state"], ck["ema"] or {}, run.emas.values()
+    run.scheduler.load_state_dict(st["scheduler"])
+    if st.get("scaler"):
+        run.scaler.load_state_dict(st["scaler"])
+    if ema is not None and saved:
+        ema.load_state_dict({n: saved[n] for n in ema.shadow}, st["ema_updates"])
+    if power is not None and saved:
+        with torch.no_grad():
+            for i, shadow in enumerate(power.shadows):
+                for n in shadow:
+                    shadow[n].copy_(saved[f"posthoc{i}/{n}"])
+    data, world = st["data"], run.d.world_size
+    if len(data) != world and any(s != data[0] for s in data):
+        raise ConfigError(f"the checkpoint's data streams were read by {len(data)} processes: resume with "
+                          f"{len(data)} (this run has {world})")
+    run.source.load_state_dict(data[run.d.rank % len(data)])
+    return st["step"]
+
+
+def describe(run: Run, ds, stats, network, total_steps: int, step: int) -> None:
+    """The data summary, the run plan and the memory plan, before the first step."""
+    cfg, model, trainable = run.cfg, run.model, [p for _, p in run.named_trainable]
+    if ds is not None:
+        print(f"{stats}\n{ds.bucket_table()}")
+        largest = max(ds.buckets[b] for b in set(ds.bucket_ids))
+        where = f"{len(ds)} images, {run.source.steps_per_epoch} steps per epoch"
+    else:
+        largest = max(bucket_sizes(cfg), key=lambda b: b[0] * b[1])
+        where = "a stream (no epochs)"
+    print(f"run plan: {where}; {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trained); batches of {cfg.batch_size} x "
+          f"{run.d.world_size} device(s), accumulation {cfg.gradient_accumulation_steps}: {total_steps} steps in all "
+          f"(starting at {step})")
+    print(memory_plan(cfg, model, trainable, network, largest))
 
 
 def sample_images(cfg: TrainConfig, model, ema, out: Path, step: int, logger: Logger, d, autocast) -> None:
@@ -472,37 +581,28 @@ def sample_images(cfg: TrainConfig, model, ema, out: Path, step: int, logger: Lo
         from sampling.pipeline import generate
         was = model.unet.training
         model.unet.eval()
-        if ema is not None:
-            ema.swap()
-        try:
-            with autocast():
-                images = generate(model, cfg.sample_prompts, height=cfg.image_size, width=cfg.image_size,
-                                  steps=cfg.sample_steps, guidance_scale=cfg.sample_cfg, sampler=cfg.sample_sampler,
-                                  seed=cfg.seed)
-        finally:
-            if ema is not None:
-                ema.swap()
-            model.unet.train(was)
-        folder = out / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for i, im in enumerate(images):
-            paths.append(folder / f"step_{step:06d}_{i}.png")
-            im.save(paths[-1])
+        with ema.applied() if ema is not None else contextlib.nullcontext(), autocast():
+            images = generate(model, cfg.sample_prompts, height=cfg.image_size, width=cfg.image_size,
+                              steps=cfg.sample_steps, guidance_scale=cfg.sample_cfg, sampler=cfg.sample_sampler,
+                              seed=cfg.seed)
+        model.unet.train(was)
+        paths = [out / "samples" / f"step_{step:06d}_{i}.png" for i in range(len(images))]
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for path, im in zip(paths, images):
+            im.save(path)
         logger.images(step, paths, cfg.sample_prompts)
     distributed.barrier(d)
 
 
 def save_final(cfg: TrainConfig, model, network, ema, out: Path, d) -> None:
-    """lora_final.safetensors (kohya keys, or PEFT) or final/ (diffusers) + final.safetensors; EMA beside."""
+    """lora_final.safetensors (kohya keys, or PEFT) or final/ (the model's folder layout) + final.safetensors;
+    the EMA's beside them."""
     if not d.is_main:
         return
     meta = {"training_config": cfg.to_json(), "resolution": f"{cfg.image_size},{cfg.image_size}"}
-    variants = [("", False)] + ([("_ema", True)] if ema is not None else [])
-    for suffix, use_ema in variants:
-        if use_ema:
-            ema.swap()
-        try:
+    model.eval()
+    for suffix, weights in [("", contextlib.nullcontext)] + ([("_ema", ema.applied)] if ema is not None else []):
+        with weights():
             if network is not None:
                 lora.save_lora(out / f"lora_final{suffix}.safetensors", network, format=cfg.lora_format,
                                metadata=meta)
@@ -510,6 +610,4 @@ def save_final(cfg: TrainConfig, model, network, ema, out: Path, d) -> None:
                 model.save_pretrained(out / f"final{suffix}")
                 if cfg.save_single_file:
                     model.save_single_file(out / f"final{suffix}.safetensors")
-        finally:
-            if use_ema:
-                ema.swap()
+    print(f"wrote {out / ('lora_final.safetensors' if network is not None else 'final')}")

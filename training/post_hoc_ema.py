@@ -1,18 +1,8 @@
-"""Post-hoc EMA (EDM2, Karras et al. 2024, arXiv 2312.02696 Sec. 3): keep snapshots of power-function EMAs during
-training, then build the EMA of any length afterwards as a least-squares mix of the snapshots.
+"""Post-hoc EMA (EDM2, Karras et al. 2024, arXiv 2312.02696 Sec. 3): the EMA of any length, after training.
 
-Power-function EMA with exponent gamma, after optimizer step t = 1, 2, ...:
-
-    ema_t = beta_t ema_{t-1} + (1 - beta_t) theta_t,   beta_t = (1 - 1/t)^(gamma + 1)
-
-which averages the weights with profile p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t]. Its length is
-the relative standard deviation of that profile, sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))).
-Two profiles (t_a, gamma_a), (t_b, gamma_b), t_a <= t_b, have the inner product
-<p_a, p_b> = (gamma_a + 1)(gamma_b + 1) / (gamma_a + gamma_b + 1) (t_a / t_b)^gamma_b / t_b; the mix of snapshots
-closest (in L2) to a target profile solves A x = b with A the snapshots' Gram matrix and b their products with the
-target (EDM2's solve_posthoc_coefficients), normalised to sum 1.
-
-    python -m training.post_hoc_ema --snapshots out/run/ema_snapshots --target_std 0.07 --out ema_0.07.safetensors
+Power-function EMAs ema_t = beta_t ema_{t-1} + (1 - beta_t) theta_t, beta_t = (1 - 1/t)^(gamma + 1), average the
+weights with profile p_t(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t], of relative std sigma_rel (the EMA's
+length). Their snapshots' mix closest (L2) to a target profile solves Gram x = <snapshot, target>, normalised to sum 1.
 """
 from __future__ import annotations
 
@@ -23,51 +13,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from sdxl.weights import CheckpointError, read_safetensors, save_safetensors
-
-_SNAPSHOT = re.compile(r"step_(\d+)_std([0-9.]+)\.safetensors")
+from sdxl.weights import CheckpointError, read_header, read_state_dict, save_safetensors
 
 
 def exp_to_std(gamma) -> np.ndarray:
     """sigma_rel of the profile tau^gamma: sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))."""
-    gamma = np.float64(gamma)
     return np.sqrt((gamma + 1) / (gamma + 2) ** 2 / (gamma + 3))
 
 
 def std_to_exp(std) -> np.ndarray:
     """The gamma of a sigma_rel: the largest real root of gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2)."""
-    std = np.float64(std)
-    c = std.reshape(-1) ** -2
-    return np.float64([np.roots([1, 7, 16 - x, 12 - x]).real.max() for x in c]).reshape(std.shape)
+    return np.vectorize(lambda s: np.roots([1, 7, 16 - s**-2, 12 - s**-2]).real.max())(np.float64(std))
 
 
 def power_function_correlation(a_ofs, a_std, b_ofs, b_std) -> np.ndarray:
-    """<p_a, p_b> of two power-function profiles ending at steps a_ofs / b_ofs (broadcasting)."""
+    """<p_a, p_b> = (g_a + 1)(g_b + 1) / (g_a + g_b + 1) (t_a / t_b)^g_b / t_b, t_a <= t_b, t = ofs (broadcasting)."""
     a_exp, b_exp = std_to_exp(a_std), std_to_exp(b_std)
     ratio = np.float64(a_ofs) / np.float64(b_ofs)
     t_exp = np.where(a_ofs < b_ofs, b_exp, -a_exp)  # (t_a / t_b)^gamma_b, or (t_b / t_a)^gamma_a
     return (a_exp + 1) * (b_exp + 1) * ratio**t_exp / ((a_exp + b_exp + 1) * np.maximum(a_ofs, b_ofs))
 
 
-def solve_posthoc_coefficients(in_ofs, in_std, out_ofs, out_std) -> np.ndarray:
-    """(n_in, n_out) weights: column j mixes the stored profiles into the closest fit of target profile j."""
-    in_ofs, in_std = np.broadcast_arrays(np.float64(in_ofs), np.float64(in_std))
-    out_ofs, out_std = np.broadcast_arrays(np.float64(out_ofs), np.float64(out_std))
-    col = lambda x: x.reshape(-1, 1)  # noqa: E731
-    row = lambda x: x.reshape(1, -1)  # noqa: E731
-    A = power_function_correlation(col(in_ofs), col(in_std), row(in_ofs), row(in_std))
-    B = power_function_correlation(col(in_ofs), col(in_std), row(out_ofs), row(out_std))
+def solve_posthoc_coefficients(in_ofs, in_std, out_ofs: float, out_std: float) -> np.ndarray:
+    """(n_in,) weights mixing the stored profiles into the closest fit of the target profile."""
+    in_ofs, in_std = (x.reshape(-1, 1) for x in np.broadcast_arrays(np.float64(in_ofs), np.float64(in_std)))
+    A = power_function_correlation(in_ofs, in_std, in_ofs.T, in_std.T)  # (n_in, n_in)
+    B = power_function_correlation(in_ofs, in_std, np.float64(out_ofs), np.float64(out_std))  # (n_in, 1)
     X = np.linalg.lstsq(A, B, rcond=None)[0]  # A can be near-singular with many close snapshots
-    return X / X.sum(axis=0, keepdims=True)
+    return (X / X.sum(axis=0, keepdims=True))[:, 0]
 
 
 class PowerEMA:
     """Power-function EMAs of named parameters for several sigma_rel values, in fp32 on `device`."""
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], stds: tuple[float, ...] = (0.05, 0.10),
-                 device: str | torch.device | None = None):
+    def __init__(self, named_params: list, stds=(0.05, 0.10), device: str | torch.device | None = None):
         self.params = dict(named_params)
         self.stds = tuple(float(s) for s in stds)
         self.gammas = [float(std_to_exp(s)) for s in self.stds]
@@ -76,19 +56,15 @@ class PowerEMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """Fold in the weights after optimizer step `step` (1-based)."""
-        live = [p.detach().to(torch.float32) for p in self.params.values()]
+        """Fold in the weights after optimizer step `step` (1-based): lerp by 1 - beta_t."""
+        live = [p.detach().to(s.device, torch.float32) for p, s in zip(self.params.values(), self.shadows[0].values())]
         for gamma, shadow in zip(self.gammas, self.shadows):
-            beta = (1 - 1 / step) ** (gamma + 1)
-            targets = list(shadow.values())
-            torch._foreach_lerp_(targets, [x.to(t.device) for x, t in zip(live, targets)], 1 - beta)
+            torch._foreach_lerp_(list(shadow.values()), live, 1 - (1 - 1 / step) ** (gamma + 1))
 
-    def save_snapshots(self, folder: str | Path, step: int) -> list[Path]:
-        paths = []
+    def save_snapshots(self, folder: str | Path, step: int) -> None:
         for std, shadow in zip(self.stds, self.shadows):
-            paths.append(Path(folder) / f"step_{step:06d}_std{std:.3f}.safetensors")
-            save_safetensors(shadow, paths[-1], metadata={"step": str(step), "std": repr(std)})
-        return paths
+            save_safetensors(shadow, Path(folder) / f"step_{step:06d}_std{std:.3f}.safetensors",
+                             metadata={"step": str(step), "std": repr(std)})
 
 
 def list_snapshots(folder: str | Path) -> list[tuple[Path, int, float]]:
@@ -97,11 +73,8 @@ def list_snapshots(folder: str | Path) -> list[tuple[Path, int, float]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such snapshot folder")
     found = []
-    for path in sorted(folder.iterdir()):
-        if not _SNAPSHOT.fullmatch(path.name):
-            continue
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+    for path in sorted(p for p in folder.iterdir() if re.fullmatch(r"step_\d+_std[0-9.]+\.safetensors", p.name)):
+        meta = read_header(path)[1]  # CheckpointError when unreadable
         try:
             found.append((path, int(meta["step"]), float(meta["std"])))
         except (KeyError, ValueError):
@@ -114,20 +87,18 @@ def list_snapshots(folder: str | Path) -> list[tuple[Path, int, float]]:
 def reconstruct(folder: str | Path, target_std: float, target_step: int | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[Path, float]]:
     """The EMA of length `target_std` at `target_step` (default: the last snapshot's step), and the mix used."""
-    snaps = list_snapshots(folder)
-    last = max(s for _, s, _ in snaps)
-    target_step = target_step or last
-    if not 0 < target_step <= last:
-        raise ValueError(f"target step {target_step} is outside the snapshots' range (1..{last})")
+    paths, steps, stds = zip(*list_snapshots(folder))
+    target_step = target_step or max(steps)
+    if not 0 < target_step <= max(steps):
+        raise ValueError(f"target step {target_step} is outside the snapshots' range (1..{max(steps)})")
     if not 0 < target_std < exp_to_std(0.0):  # gamma >= 0 <=> std <= sqrt(1/12)
         raise ValueError(f"target_std must be in (0, {exp_to_std(0.0):.4f}), got {target_std}")
-    coeffs = solve_posthoc_coefficients([s for _, s, _ in snaps], [d for _, _, d in snaps], target_step,
-                                        target_std)[:, 0]
+    coeffs = solve_posthoc_coefficients(steps, stds, target_step, target_std)
     out: dict[str, torch.Tensor] = {}
-    for (path, _, _), c in zip(snaps, coeffs):
-        for k, v in read_safetensors(path, dtype=torch.float64).items():
+    for path, c in zip(paths, coeffs):
+        for k, v in read_state_dict(path, dtype=torch.float64).items():
             out[k] = out[k] + c * v if k in out else c * v
-    return {k: v.float() for k, v in out.items()}, {p: float(c) for (p, _, _), c in zip(snaps, coeffs)}
+    return {k: v.float() for k, v in out.items()}, dict(zip(paths, map(float, coeffs)))
 
 
 def main(argv: list[str] | None = None) -> int:
