@@ -95,7 +95,7 @@ class SDXL(nn.Module):
     """
     family = "latent"
     # Training options of the pixel recipe: with a latent model each is an error.
-    unused_options = {name: "a pixel-model option (--model_type pixel)" for name in
+    unused_options = {name: "a pixel-model option: add --model_type pixel, or drop it" for name in
                       ("base_resolution", "teacher_checkpoint", "train_encoder", "lr_sdxl_unet_body")}
     guidance_interval = None
 

@@ -234,12 +234,10 @@ class PixelSDXL(nn.Module):
     family = "pixel"
     # Training options that need a VAE, a latent or a DDPM schedule: with a pixel model each is an error.
     unused_options = {
-        "cache_latents": "a pixel model has no latents to cache", "vae": "a pixel model has no VAE",
-        "vae_precision": "a pixel model has no VAE", "prediction_type": "a pixel model predicts x (JiT)",
-        "loss_type": "a pixel model trains on the JiT velocity loss", "min_snr_gamma": "a DDPM loss weight",
-        "noise_offset": "a DDPM-noise option", "zero_terminal_snr": "a DDPM-schedule option",
-        "timestep_range": "a DDPM-timestep option"}
-
+        "cache_latents": "it has no latents to cache", "vae": "it has no VAE", "vae_precision": "it has no VAE",
+        "prediction_type": "it predicts x (JiT)", "loss_type": "it trains on the JiT velocity loss",
+        "min_snr_gamma": "a DDPM loss weight", "noise_offset": "a DDPM-noise option",
+        "zero_terminal_snr": "a DDPM-schedule option", "timestep_range": "a DDPM-timestep option"}
     autoencoder = None  # model space is pixel space
 
     def __init__(self, config: PixelConfig, unet: PixelUNet, text: DualCLIP):

@@ -25,16 +25,18 @@ def unet_weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def test_ddp_pixel_equals_one_process(train_data, tmp_path):
+@pytest.mark.parametrize("wrapper", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_ddp_pixel_equals_one_process(train_data, tmp_path, wrapper):
     """2 gloo processes x 1 image x 2 micro-batches == 1 process x 2 images x 2 micro-batches (the same global
-    batch, the same per-sample noise), every codec and body tensor. SGD: Adam turns rounding noise in near-zero
+    batch, the same per-sample noise), every codec and body tensor, under DDP and under FSDP2 (whose placeholder
+    levels hold no parameters, and whose sharded body is gathered into a plain PixelUNet for final/). SGD: Adam turns rounding noise in near-zero
     gradients into full-size updates. The two differ by float rounding of averaged gradients only: measured at
     most 6e-8 in weight (updates up to 2.6e-3); 2e-5 fails for a rank that skips its all-reduce (7.7e-4), syncs
     the wrong micro-batch (4.6e-4) or draws another sample's noise (8.1e-4)."""
     flags = [*TINY, *PIXEL, "--max_steps", 2, "--learning_rate", 0.05, "--seed", 5, "--optimizer", "sgd",
              "--gradient_accumulation_steps", 2]
     assert train_sdxl.main(train_args(train_data, tmp_path / "single", *flags, "--batch_size", 2)) == 0
-    torchrun(train_args(train_data, tmp_path / "ddp", *flags, "--batch_size", 1))
+    torchrun(train_args(train_data, tmp_path / "ddp", *flags, *wrapper, "--batch_size", 1))
     init = sdxl.load_model("pixel-tiny", seed=5).unet.state_dict()
     single, ddp = unet_weights(tmp_path / "single" / "final"), unet_weights(tmp_path / "ddp" / "final")
     assert single.keys() == ddp.keys() == init.keys()
@@ -115,10 +117,10 @@ def test_pixel_lora_trains_saves_and_loads_into_generate(train_data, tmp_path, m
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--model_type", "pixel", "--cache_latents"], "--cache_latents does not apply to tiny (a pixel model has no"),
+    (["--model_type", "pixel", "--cache_latents"], "--cache_latents does not apply to a pixel model (it has no latents"),
     (["--model_type", "pixel", "--noise_offset", "0.1"], "--noise_offset does not apply"),
     (["--pretrained_model", "pixel-tiny", "--prediction_type", "epsilon"], "--prediction_type does not apply"),
-    (["--teacher_checkpoint", "tiny"], "--teacher_checkpoint does not apply to tiny (a pixel-model option"),
+    (["--teacher_checkpoint", "tiny"], "--teacher_checkpoint does not apply to a latent model (a pixel-model option"),
     (["--lr_sdxl_unet_body", "0"], "--lr_sdxl_unet_body does not apply"),
 ])
 def test_inapplicable_flags_exit_2(train_data, tmp_path, capsys, extra, message):

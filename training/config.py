@@ -234,7 +234,8 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise ConfigError("--wandb needs the wandb package: pip install wandb")
     cfg.timestep_bounds  # noqa: B018 - raises on a malformed range
     from sdxl.model import model_class
-    unused = {k: v for k, v in model_class(cfg.pretrained_model, cfg.model_type).unused_options.items() if k in given}
+    family = model_class(cfg.pretrained_model, cfg.model_type)
+    unused = {k: v for k, v in family.unused_options.items() if k in given}
     if unused:
         name, why = next(iter(unused.items()))
-        raise ConfigError(f"--{name} does not apply to {cfg.pretrained_model} ({why})")
+        raise ConfigError(f"--{name} does not apply to a {family.family} model ({why})")
