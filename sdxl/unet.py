@@ -122,12 +122,14 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, context_dim)
                                                  for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, C, H, W) -> (B, HW, C)
-        for block in self.transformer_blocks:
-            h = block(h, context)
+        for block in self.transformer_blocks:  # checkpointed one block at a time, as diffusers: a depth-10 stack
+            h = checkpoint(block, h, context, use_reentrant=False) if self.gradient_checkpointing and \
+                torch.is_grad_enabled() else block(h, context)  # never holds all 10 blocks' activations at once
         # (B, HW, C) -> (B, C, H, W) as a strided view: the add writes x's layout (no copy; channels_last stays).
         return x + self.proj_out(h).view(B, H, W, C).permute(0, 3, 1, 2)
 
@@ -173,9 +175,9 @@ class _Level(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def layer(self, i: int, x, temb_act, context):  # resnet i, then transformer i if there is one
+    def layer(self, i: int, x, temb_act, context):  # resnet i, then transformer i (it checkpoints its own blocks)
         x = self._run(self.resnets[i], x, temb_act)
-        return self._run(self.attentions[i], x, context) if i < len(self.attentions) else x
+        return self.attentions[i](x, context) if i < len(self.attentions) else x
 
 
 class DownBlock(_Level):
