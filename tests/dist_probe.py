@@ -1,5 +1,6 @@
 """train_sdxl.py with a spy on the model wrapping: each rank writes what `distributed.wrap` returned into
-<output_dir>/wrap_rank<R>.json (wrapper class, which parameters are DTensors, their placements and local sizes).
+<output_dir>/wrap_rank<R>.json (wrapper class, DDP's flags, which parameters are DTensors, their placements and
+local sizes).
 
 Run under torchrun by tests/test_train.py; it is not a test module itself.
 """
@@ -32,8 +33,12 @@ def spy(module, d, groups, fsdp=False, unet=None):
             params[name] = {"placements": None, "local": p.numel(), "global": p.numel()}
     out = Path(train_sdxl_args_output_dir())
     out.mkdir(parents=True, exist_ok=True)
+    ddp = {"gradient_as_bucket_view": wrapped.gradient_as_bucket_view, "bucket_bytes_cap": wrapped.bucket_bytes_cap,
+           "static_graph": wrapped.static_graph,  # forward_sync_buffers was broadcast_buffers before torch 2.13
+           "sync_buffers": getattr(wrapped, "forward_sync_buffers", getattr(wrapped, "broadcast_buffers", None))
+           } if type(wrapped).__name__ == "DistributedDataParallel" else None
     (out / f"wrap_rank{d.rank}.json").write_text(json.dumps({"wrapper": type(wrapped).__name__,
-                                                              "params": params}))
+                                                              "params": params, "ddp": ddp}))
     return wrapped, groups
 
 

@@ -147,6 +147,8 @@ def test_ddp_with_accumulation_and_text_encoders_equals_one_process(data, tmp_pa
     ranks = probe(train_args(data, tmp_path / "ddp", "--batch_size", 1, *flags), tmp_path / "ddp")
     for r in ranks:  # plain DDP: whole parameters on every rank, the text encoders' among them
         assert r["wrapper"] == "DistributedDataParallel"
+        assert r["ddp"] == {"gradient_as_bucket_view": True, "bucket_bytes_cap": 100 * 2**20, "static_graph": False,
+                            "sync_buffers": False}
         assert all(p["placements"] is None for p in r["params"].values())
         assert any(n.startswith("text.text_encoder_2.") for n in r["params"])
     init = initial_weights(data, tmp_path / "init", flags)
@@ -271,9 +273,8 @@ def test_ema_against_hand_computation():
         d = min(0.9, (1 + t) / (10 + t))
         expected = d * expected + (1 - d) * value
     assert torch.allclose(ema.shadow["p"], expected)
-    ema.swap()
-    assert torch.allclose(p, expected)
-    ema.swap()
+    with ema.applied():
+        assert torch.allclose(p, expected)
     assert torch.equal(p.detach(), torch.tensor([-1.0, -1.0]))
 
 
@@ -377,3 +378,44 @@ def test_nonfinite_steps_skip_then_stop(data, tmp_path, monkeypatch, capsys):
     assert "10 non-finite steps in a row" in capsys.readouterr().err
     ck = load_file(str(tmp_path / "checkpoints" / "step_000010" / "trainable.safetensors"))
     assert all(torch.equal(ck["unet." + k], v) for k, v in init.items())  # no step was taken
+
+
+def per_parameter_lerp(shadows: list[torch.Tensor], params: list[torch.Tensor], weight: float) -> None:
+    """The EMA step as it was written before the foreach version: one lerp per parameter."""
+    for s, p in zip(shadows, params):
+        s.lerp_(p.detach().to(s.device, torch.float32), weight)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+@pytest.mark.parametrize("ema_cpu", [False, True])
+@pytest.mark.parametrize("chunk_bytes", [1 << 28, 100])  # one foreach call; several (a chunk's copies are bounded)
+def test_ema_foreach_equals_per_parameter_loop(device, ema_cpu, chunk_bytes, monkeypatch):
+    from training import ema as ema_module
+    from training.post_hoc_ema import PowerEMA
+    monkeypatch.setattr(ema_module, "CHUNK_BYTES", chunk_bytes)
+    g = torch.Generator().manual_seed(0)
+    shapes_dtypes = [((7,), torch.bfloat16), ((3, 5), torch.float32), ((4, 2, 3), torch.bfloat16), ((1,), torch.float32),
+                     ((16, 9), torch.bfloat16)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device, dt)) for s, dt in shapes_dtypes]
+    named, where = [(f"p{i}", p) for i, p in enumerate(params)], "cpu" if ema_cpu else None
+    ema, power = EMA(named, 0.99, True, where), PowerEMA(named, (0.05, 0.10), where)
+    want = [p.detach().to(where or p.device, torch.float32, copy=True) for p in params]
+    want_power = [[w.clone() for w in want] for _ in power.gammas]
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=g).to(device, p.dtype))
+        ema.update()
+        power.update(step)
+        per_parameter_lerp(want, params, 1.0 - min(0.99, step / (9 + step)))  # t = step - 1 updates before
+        for gamma, w in zip(power.gammas, want_power):
+            per_parameter_lerp(w, params, 1 - (1 - 1 / step) ** (gamma + 1))
+    assert all(s.device.type == (where or device) for s in ema.shadow.values())
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow.values(), want))
+    for shadow, w in zip(power.shadows, want_power):
+        assert all(torch.equal(a, b) for a, b in zip(shadow.values(), w))
+    live = [p.detach().clone() for p in params]
+    with ema.applied():  # the params hold the EMA rounded to their dtype...
+        assert all(torch.equal(p, w.to(device, p.dtype)) for p, w in zip(params, want))
+    assert all(torch.equal(p, x) for p, x in zip(params, live))  # ...and their own weights afterwards
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow.values(), want))  # the EMA was not rounded to bf16

@@ -11,6 +11,40 @@ import contextlib
 import torch
 from torch import nn
 
+CHUNK_BYTES = 1 << 28  # fp32 bytes per foreach call: bounds the temporary fp32 copies (of bf16 params, for a CPU EMA)
+
+
+def chunks(params: list[torch.Tensor]):
+    """Slices of `params` holding at most CHUNK_BYTES of fp32 each (or one parameter)."""
+    start, size = 0, 0
+    for i, p in enumerate(params):
+        if i > start and size + 4 * p.numel() > CHUNK_BYTES:
+            yield slice(start, i)
+            start, size = i, 0
+        size += 4 * p.numel()
+    if start < len(params):
+        yield slice(start, len(params))
+
+
+def to_devices(params: list[torch.Tensor], like: list[torch.Tensor], dtype: torch.dtype | None = None,
+               copy: bool = False) -> list[torch.Tensor]:
+    """`params` on the devices of `like` (in `dtype` if given; no copy where they already are, unless `copy`). A GPU
+    -> CPU copy goes to pinned memory without blocking, then one wait for the whole list; on CPU-only runs it is a
+    plain copy."""
+    out = [p.detach().to(s.device, dtype or p.dtype, non_blocking=True, copy=copy) for p, s in zip(params, like)]
+    for dev in {p.device for p, s in zip(params, like) if p.device.type == "cuda" and s.device.type == "cpu"}:
+        torch.cuda.current_stream(dev).synchronize()
+    return out
+
+
+def lerp_(shadow_sets: list[list[torch.Tensor]], params: list[torch.Tensor], weights: list[float]) -> None:
+    """shadow.lerp_(param in fp32, weight) for every shadow set and its weight, in one foreach call per chunk (not a
+    Python loop per tensor). Bit-identical to that loop: bf16 -> fp32 is exact and foreach lerp is lerp's formula."""
+    for sl in chunks(params):
+        live = to_devices(params[sl], shadow_sets[0][sl], torch.float32)
+        for shadows, w in zip(shadow_sets, weights):
+            torch._foreach_lerp_(shadows[sl], live, w)
+
 
 class EMA:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float, warmup: bool = True,
@@ -23,17 +57,8 @@ class EMA:
     def update(self) -> None:
         t = self.num_updates
         d = min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
-        for p, s in zip(self.params.values(), self.shadow.values()):
-            s.lerp_(p.detach().to(s.device, torch.float32), 1.0 - d)  # s = d s + (1 - d) p
+        lerp_([list(self.shadow.values())], list(self.params.values()), [1.0 - d])  # s = d s + (1 - d) p
         self.num_updates += 1
-
-    @torch.no_grad()
-    def swap(self) -> None:
-        """Exchange the live weights with the EMA (call twice to restore): sample or save with the EMA."""
-        for p, s in zip(self.params.values(), self.shadow.values()):
-            tmp = p.detach().to(torch.float32, copy=True)
-            p.copy_(s.to(p.device, p.dtype))
-            s.copy_(tmp.to(s.device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
@@ -47,9 +72,16 @@ class EMA:
 
     @contextlib.contextmanager
     def applied(self):
-        """with ema.applied(): the live weights are the EMA's (to sample or save with), restored afterwards."""
-        self.swap()
+        """with ema.applied(): the live weights are the EMA's (rounded to their dtype: sample or save with them), and
+        exactly what they were afterwards. They wait on the CPU (no device memory for a second copy of a full UNet),
+        and the EMA is only read: swapping them through a bf16 parameter would round the EMA itself."""
+        params, shadows = list(self.params.values()), list(self.shadow.values())
+        with torch.no_grad():
+            live = to_devices(params, [torch.empty(0)] * len(params), copy=True)  # to the CPU
+            torch._foreach_copy_(params, shadows)
         try:
             yield
         finally:
-            self.swap()
+            with torch.no_grad():
+                for p, w in zip(params, live):
+                    p.copy_(w)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sdxl.weights import CheckpointError, read_header, read_state_dict, save_safetensors
+from training.ema import lerp_
 
 
 def exp_to_std(gamma) -> np.ndarray:
@@ -57,9 +58,8 @@ class PowerEMA:
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Fold in the weights after optimizer step `step` (1-based): lerp by 1 - beta_t."""
-        live = [p.detach().to(s.device, torch.float32) for p, s in zip(self.params.values(), self.shadows[0].values())]
-        for gamma, shadow in zip(self.gammas, self.shadows):
-            torch._foreach_lerp_(list(shadow.values()), live, 1 - (1 - 1 / step) ** (gamma + 1))
+        lerp_([list(s.values()) for s in self.shadows], list(self.params.values()),
+              [1 - (1 - 1 / step) ** (gamma + 1) for gamma in self.gammas])
 
     def save_snapshots(self, folder: str | Path, step: int) -> None:
         for std, shadow in zip(self.stds, self.shadows):
