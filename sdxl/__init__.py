@@ -6,7 +6,10 @@ def __getattr__(name: str):
     if name in ("load_model", "SDXL"):
         from . import model
         return getattr(model, name)
+    if name == "load_controlnet":
+        from . import controlnet
+        return controlnet.load_controlnet
     raise AttributeError(f"module 'sdxl' has no attribute {name!r}")
 
 
-__all__ = ["SDXL", "load_model"]
+__all__ = ["SDXL", "load_controlnet", "load_model"]

@@ -133,6 +133,32 @@ def unet_from_original(sd: StateDict, cfg: UNetConfig) -> StateDict:
     return {_rename(k.removeprefix(UNET_PREFIX), lookup, "UNet (original layout)"): v for k, v in sd.items()}
 
 
+CONTROLNET_PREFIX = "control_model."  # the original ControlNet (cldm) files; some are saved without it
+
+
+def controlnet_table(cfg: UNetConfig, hint_blocks: int) -> Table:
+    """(original, diffusers) prefixes of a ControlNet in the original ControlNet layout, without `control_model.`:
+    the UNet's encoder names (unet_table), zero_convs.i.0 -> controlnet_down_blocks.i, middle_block_out.0 ->
+    controlnet_mid_block, and input_hint_block, a Sequential with SiLUs at the odd indices: 0 -> conv_in,
+    2 (j + 1) -> blocks.j, 2 (hint_blocks + 1) -> conv_out (14 for the usual 6 blocks)."""
+    table = [(o, d) for o, d in unet_table(cfg) if not d.startswith(("up_blocks.", "conv_norm_out.", "conv_out."))]
+    skips = 1 + sum(cfg.layers_per_block + (b < len(cfg.block_out_channels) - 1)
+                    for b in range(len(cfg.block_out_channels)))
+    table += [(f"zero_convs.{i}.0.", f"controlnet_down_blocks.{i}.") for i in range(skips)]
+    table += [("middle_block_out.0.", "controlnet_mid_block."),
+              ("input_hint_block.0.", "controlnet_cond_embedding.conv_in.")]
+    table += [(f"input_hint_block.{2 * j + 2}.", f"controlnet_cond_embedding.blocks.{j}.") for j in range(hint_blocks)]
+    return table + [(f"input_hint_block.{2 * hint_blocks + 2}.", "controlnet_cond_embedding.conv_out.")]
+
+
+def controlnet_from_original(sd: StateDict, cfg: UNetConfig) -> StateDict:
+    """Original ControlNet keys, with or without `control_model.` -> diffusers ControlNetModel names (same tensors)
+    for a ControlNet of the UNet `cfg`; ValueError naming a key the table does not know."""
+    sd = {k.removeprefix(CONTROLNET_PREFIX): v for k, v in sd.items()}
+    lookup = _lookup(controlnet_table, cfg, max(0, _count(sd, "input_hint_block.") // 2 - 1), to_original=False)
+    return {_rename(k, lookup, "ControlNet (original layout)"): v for k, v in sd.items()}
+
+
 _VAE_RESNET = [(s, s) for s in ("norm1.", "conv1.", "norm2.", "conv2.")] + [("nin_shortcut.", "conv_shortcut.")]
 _VAE_ATTENTION = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."),
                   ("proj_out.", "to_out.0.")]

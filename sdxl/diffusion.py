@@ -63,8 +63,10 @@ def _pick(prediction_type: str, **forms: Callable[[], Tensor]) -> Tensor:
 
 
 def _bcast(abar: Tensor | float, x: Tensor) -> Tensor:
-    """abar as a tensor that broadcasts against x: a scalar, or (B,) -> (B, 1, ..., 1)."""
-    abar = torch.as_tensor(abar, dtype=x.dtype, device=x.device)
+    """abar that broadcasts against x: a Python number as it is (no host-to-device copy), (B,) -> (B, 1, ..., 1)."""
+    if not isinstance(abar, Tensor):
+        return abar
+    abar = abar.to(x.device, x.dtype)
     return abar.reshape(-1, *[1] * (x.ndim - 1)) if abar.ndim == 1 else abar
 
 

@@ -1,15 +1,19 @@
 """Samplers as pure functions over a denoiser (k-diffusion style), their noise schedules, and CFG.
 
-A denoiser is `denoiser(x, sigma) -> x0 estimate`, sigma a 0-d tensor; x = x0 + sigma eps (the VP sample times
+A denoiser is `denoiser(x, sigma) -> x0 estimate`, sigma a Python float; x = x0 + sigma eps (the VP sample times
 sqrt(1 + sigma^2)) for DDPM models, x = (1 - s) x0 + s noise with sigma = s for flow models. Each `sample_<name>`
 reproduces the named diffusers scheduler on the same model and noise when run as the bundles do (abar None on flow):
     sched = schedule_for(name, steps, abar)  # the published config: leading spacing, offset 1
     model = cfg_denoiser(cond_fn, scale=cfg, batched_fn=both_fn, rescale=phi)  # guidance on the raw model output
     x = resolve_sampler(name)[0](make_denoiser(model, abar, prediction_type, sched), noise * sched.init_noise_sigma,
                                  sched.sigmas) * sched.final_scale
+Inside the sampling loop the schedule is Python floats (read from the tensors once, before the first step) and
+model functions get the timestep as a float: no step reads a tensor back to the host, so a step never waits on the
+device.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -18,9 +22,9 @@ from torch import Tensor
 
 from sdxl.diffusion import PREDICTION_TYPES, shift_sigma, sigmas_from_alphas_cumprod, to_x0
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, sigma) -> x0 estimate
-ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_in, t) -> raw prediction; or any fn(x, s) CFG wraps
-NoiseSampler = Callable[[Tensor, Tensor], Tensor]
+Denoiser = Callable[[Tensor, float], Tensor]  # (x, sigma) -> x0 estimate
+ModelFn = Callable[[Tensor, float], Tensor]  # (x_in, t) -> raw prediction; or any fn(x, s) CFG wraps
+NoiseSampler = Callable[[float, float], Tensor]
 Callback = Callable[[int, Tensor, Tensor], None]  # (step index, x after the step, denoised at the step)
 
 # diffusers' inference schedulers replace a zero-terminal-SNR abar_T = 0 (sigma infinite) by 2^-24.
@@ -127,18 +131,19 @@ def make_denoiser(model_fn: ModelFn, alphas_cumprod: Tensor | None, prediction_t
         raise ValueError(f"prediction_type {prediction_type!r} needs alphas_cumprod (the flow scale: flow or sample)")
     table = {} if schedule is None else dict(zip(schedule.sigmas[:-1].tolist(), schedule.timesteps.tolist()))
 
-    def timestep(sigma: Tensor, x: Tensor) -> Tensor:
-        t = table.get(float(sigma))
+    def timestep(sigma: float) -> float:  # float32 values, as the reference feeds them
+        t = table.get(sigma)
         if t is None:
-            t = sigma * num_train_timesteps if flow else sigma_to_t(sigma, alphas_cumprod)
-        return torch.as_tensor(t, dtype=torch.float32).to(x.device)
+            t = sigma * num_train_timesteps if flow else sigma_to_t(torch.tensor(sigma), alphas_cumprod).item()
+        return float(np.float32(t))
 
-    def denoiser(x: Tensor, sigma: Tensor) -> Tensor:
+    def denoiser(x: Tensor, sigma: float) -> Tensor:
+        sigma = float(sigma)
         if flow:
-            pred = model_fn(x, timestep(sigma, x))
+            pred = model_fn(x, timestep(sigma))
             return pred if prediction_type == "sample" else x - sigma * pred
         x_in = x / (sigma**2 + 1) ** 0.5
-        return to_x0(model_fn(x_in, timestep(sigma, x)), x_in, 1 / (sigma**2 + 1), prediction_type)
+        return to_x0(model_fn(x_in, timestep(sigma)), x_in, 1 / (sigma**2 + 1), prediction_type)
     return denoiser
 
 
@@ -152,7 +157,7 @@ def cfg_denoiser(cond_fn: ModelFn, uncond_fn: ModelFn | None = None, scale: floa
     if uncond_fn is None and batched_fn is None and scale != 1.0:
         raise ValueError("cfg_denoiser needs uncond_fn or batched_fn when scale != 1")
 
-    def guided(x: Tensor, s: Tensor) -> Tensor:
+    def guided(x: Tensor, s: float) -> Tensor:
         if scale == 1.0 or (interval is not None and not interval[0] <= float(s) <= interval[1]):
             return cond_fn(x, s)
         if batched_fn is not None:
@@ -177,12 +182,17 @@ def default_noise_sampler(x: Tensor, generator: torch.Generator | None = None) -
     return lambda *_: torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
 
-def _ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+def _floats(sigmas: Tensor | list[float]) -> list[float]:
+    """The schedule as Python floats (one host read, before the loop; a device tensor syncs once here)."""
+    return sigmas.tolist() if isinstance(sigmas, Tensor) else [float(s) for s in sigmas]
+
+
+def _ancestral_step(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
     """Split a step into a deterministic part down to sigma_down and fresh noise of std sigma_up:
     sigma_up = min(s', eta sqrt(s'^2 (s^2 - s'^2) / s^2)), sigma_down = sqrt(s'^2 - sigma_up^2)."""
     if not eta:
-        return sigma_next, torch.zeros_like(sigma_next)
-    up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     return (sigma_next**2 - up**2) ** 0.5, up
 
 
@@ -191,7 +201,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta
                            generator: torch.Generator | None = None, noise_sampler: NoiseSampler | None = None,
                            callback: Callback | None = None) -> Tensor:
     """Ancestral Euler (k-diffusion): an Euler step down to sigma_down, then noise of std sigma_up; eta 0: Euler."""
-    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    noise_sampler, sigmas = noise_sampler or default_noise_sampler(x, generator), _floats(sigmas)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
         sigma_down, sigma_up = _ancestral_step(sigmas[i], sigmas[i + 1], eta)
@@ -220,6 +230,7 @@ def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 0
 def sample_heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, generator: torch.Generator | None = None,
                 callback: Callback | None = None) -> Tensor:
     """Heun's method (Karras et al. 2022, Alg. 1 without churn); the step to sigma = 0 is plain Euler."""
+    sigmas = _floats(sigmas)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
         d = (x - denoised) / sigmas[i]
@@ -242,7 +253,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: f
     h = log s - log s', r = h_prev / h, z randn from `generator` (diffusers; not a Brownian tree):
     x' = (s'/s) e^(-eta h) x + (1 - e^(-(1+eta) h)) [x0 + (x0 - x0_prev) / (2r)] + s' sqrt(1 - e^(-2 eta h)) z.
     The last step is first order to sigma = 0, below 15 steps (lower_order_final), or with euler_at_final."""
-    noise_sampler = noise_sampler or default_noise_sampler(x, generator)
+    noise_sampler, sigmas = noise_sampler or default_noise_sampler(x, generator), _floats(sigmas)
     n = len(sigmas) - 1
     old_denoised, h_last = None, None
     for i in range(n):
@@ -250,15 +261,15 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, *, eta: f
         if sigmas[i + 1] == 0:
             x = denoised  # the h -> infinity limit of the update
         else:
-            h = sigmas[i].log() - sigmas[i + 1].log()
+            h = math.log(sigmas[i]) - math.log(sigmas[i + 1])
             eta_h = eta * h
-            x = (sigmas[i + 1] / sigmas[i]) * torch.exp(-eta_h) * x - torch.expm1(-h - eta_h) * denoised
+            x = (sigmas[i + 1] / sigmas[i]) * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * denoised
             first_order = i == n - 1 and (euler_at_final or (lower_order_final and n < 15))
             if old_denoised is not None and not first_order:
                 r = h_last / h
-                x = x - 0.5 * torch.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
+                x = x - 0.5 * math.expm1(-h - eta_h) * (1 / r) * (denoised - old_denoised)
             if eta:
-                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-torch.expm1(-2 * eta_h)) ** 0.5
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5
             h_last = h
         old_denoised = denoised
         if callback is not None:

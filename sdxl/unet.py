@@ -228,10 +228,9 @@ class MidBlock(_Level):
         return self.layer(1, self.layer(0, x, temb_act, context), temb_act, context)
 
 
-class UNet(nn.Module):
-    """forward(x, timesteps, context, pooled, time_ids) -> prediction shaped like x. entry_level k > 0 (sdxl/pixel.py):
-    only the body from level k; down_blocks[:k] are parameter-free placeholders (keeping the latent UNet's indices),
-    up_blocks the first n - k levels; conv_in / conv_out are left to a subclass's `stem` / `head`."""
+class UNetEncoder(nn.Module):
+    """The UNet's first half: conv_in, the time and "text_time" embeddings, the down blocks and the mid block. The
+    UNet adds the up blocks; the ControlNet (sdxl/controlnet.py) adds its conditioning embedding and zero convs."""
 
     def __init__(self, cfg: UNetConfig, entry_level: int = 0):
         super().__init__()
@@ -245,13 +244,6 @@ class UNet(nn.Module):
             DownBlock(ch[max(i - 1, 0)], ch[i], cfg, cfg.transformer_depth[i], cfg.num_attention_heads[i],
                       add_downsample=i < n - 1) if i >= k else nn.Identity() for i in range(n)])
         self.mid_block = MidBlock(ch[-1], cfg)
-        rch, rdepth, rheads = ch[::-1], cfg.transformer_depth[::-1], cfg.num_attention_heads[::-1]
-        self.up_blocks = nn.ModuleList([
-            UpBlock(rch[min(i + 1, n - 1)], rch[max(i - 1, 0)], rch[i], cfg, rdepth[i], rheads[i],
-                    add_upsample=i < n - 1 - k) for i in range(n - k)])
-        if k == 0:
-            self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-            self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each resnet and transformer in the backward pass instead of storing its activations."""
@@ -261,6 +253,46 @@ class UNet(nn.Module):
 
     dtype = property(lambda self: self.time_embedding.linear_1.weight.dtype)
     device = property(lambda self: self.time_embedding.linear_1.weight.device)
+
+    def embed(self, timesteps: torch.Tensor | float, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """SiLU(time embedding + "text_time" embedding) (B, time_embed_dim), what every resnet takes."""
+        cfg, dtype, B = self.config, self.dtype, pooled.shape[0]
+        # A Python number becomes a device tensor by a fill, not a host-to-device copy (which would sync).
+        t = timesteps if isinstance(timesteps, torch.Tensor) else \
+            torch.full((B,), float(timesteps), device=pooled.device)
+        t = t.expand(B) if t.ndim == 0 else t.reshape(B)
+        # Micro-conditioning: each value through its own sinusoidal embedding, then concatenated with pooled text.
+        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                 cfg.freq_shift).reshape(B, -1)  # (B * n_ids, E) -> (B, n_ids * E)
+        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
+                                                     cfg.freq_shift).to(dtype))
+        return F.silu(emb + self.add_embedding(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1)))
+
+    def encode(self, h: torch.Tensor, temb_act: torch.Tensor, context: torch.Tensor):
+        """(the mid block's output, the skips: h itself first, then each down resnet's and downsampler's output)."""
+        # Blocks take and return their skips (no list shared across blocks: FSDP may copy a block's inputs).
+        skips = [h]
+        for block in self.down_blocks[self.entry_level:]:
+            h, block_skips = block(h, temb_act, context)
+            skips += block_skips
+        return self.mid_block(h, temb_act, context), skips
+
+
+class UNet(UNetEncoder):
+    """forward(x, timesteps, context, pooled, time_ids) -> prediction shaped like x. entry_level k > 0 (sdxl/pixel.py):
+    only the body from level k; down_blocks[:k] are parameter-free placeholders (keeping the latent UNet's indices),
+    up_blocks the first n - k levels; conv_in / conv_out are left to a subclass's `stem` / `head`."""
+
+    def __init__(self, cfg: UNetConfig, entry_level: int = 0):
+        super().__init__(cfg, entry_level)
+        ch, k, n = cfg.block_out_channels, entry_level, len(cfg.block_out_channels)
+        rch, rdepth, rheads = ch[::-1], cfg.transformer_depth[::-1], cfg.num_attention_heads[::-1]
+        self.up_blocks = nn.ModuleList([
+            UpBlock(rch[min(i + 1, n - 1)], rch[max(i - 1, 0)], rch[i], cfg, rdepth[i], rheads[i],
+                    add_upsample=i < n - 1 - k) for i in range(n - k)])
+        if k == 0:
+            self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+            self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def blank(self) -> UNet:
         """The same network on the meta device (no memory): for plans and for gathering sharded weights."""
@@ -274,24 +306,20 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) latents; timesteps scalar or (B,); context (B, L, D); pooled (B, P); time_ids (B, 6|5)."""
-        cfg, dtype, B = self.config, self.dtype, x.shape[0]
-        t = torch.as_tensor(timesteps, device=x.device)
-        t = t.expand(B) if t.ndim == 0 else t.reshape(B)
-        # Micro-conditioning: each value through its own sinusoidal embedding, then concatenated with pooled text.
-        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
-                                 cfg.freq_shift).reshape(B, -1)  # (B * n_ids, E) -> (B, n_ids * E)
-        emb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                                     cfg.freq_shift).to(dtype))
-        temb_act = F.silu(emb + self.add_embedding(torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1)))
-        context, h = context.to(dtype), self.stem(x.to(dtype))
-        # Blocks take and return their skips (no list shared across blocks: FSDP may copy a block's inputs).
-        skips = [h]  # down blocks collect skips (h itself first); up blocks eat them, last first
-        for block in self.down_blocks[self.entry_level:]:
-            h, block_skips = block(h, temb_act, context)
-            skips += block_skips
-        h = self.mid_block(h, temb_act, context)
+                pooled: torch.Tensor, time_ids: torch.Tensor,
+                down_block_additional_residuals: list[torch.Tensor] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) latents; timesteps scalar or (B,); context (B, L, D); pooled (B, P); time_ids (B, 6|5).
+        The residuals (a ControlNet's) are added to the skips and to the mid block's output, as diffusers does."""
+        temb_act = self.embed(timesteps, pooled, time_ids)
+        context = context.to(self.dtype)
+        h, skips = self.encode(self.stem(x.to(self.dtype)), temb_act, context)
+        if down_block_additional_residuals is not None:  # the skips only: the mid block already took h
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"{len(down_block_additional_residuals)} down residuals for {len(skips)} skips")
+            skips = [s + r.to(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual.to(h.dtype)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]

@@ -69,7 +69,7 @@ def train_data(tmp_path_factory) -> Path:
 def train_args(data, out, *extra) -> list[str]:
     """train_sdxl.py flags for the tiny preset at 64 px in fp32 on the CPU, plus `extra`."""
     return ["--pretrained_model", "tiny", "--data_dir", str(data), "--output_dir", str(out), "--image_size", "64",
-            "--bucket_step", "16", "--num_workers", "0", "--precision", "fp32", *map(str, extra)]
+            "--bucket_step", "16", "--num_workers", "0", "--precision", "fp32", "--log_every", "1", *map(str, extra)]
 
 
 def torchrun(args, nproc: int = 2, timeout: int = 300, script: Path = ROOT / "train_sdxl.py"):

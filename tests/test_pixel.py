@@ -208,7 +208,9 @@ def test_save_load_round_trip(latent, latent_folder, tmp_path):
     noise = torch.randn(1, 3, 32, 32)
     a = generate(model, "x", height=32, width=32, steps=2, latents=noise, output_type="pt")
     b = generate(back, "x", height=32, width=32, steps=2, latents=noise, output_type="pt")
-    torch.testing.assert_close(a, b)
+    # Equal weights, yet oneDNN may pick another kernel for another buffer alignment (mmap'd safetensors): measured
+    # up to 1.1e-5 on some CPUs, so float rounding is allowed, no more.
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 # ---- training stages ------------------------------------------------------------------------------------------
@@ -275,7 +277,7 @@ def _check_body_and_codec_rates(seen: dict, codec_lr: float, body_lr: float) -> 
 
 def test_three_stages_run(latent_folder, data_dir, tmp_path, monkeypatch):
     common = ["--model_type", "pixel", "--data_dir", str(data_dir), "--image_size", "64", "--bucket_step", "32",
-              "--batch_size", "2", "--max_steps", "2", "--precision", "fp32", "--num_workers", "0",
+              "--batch_size", "2", "--max_steps", "2", "--precision", "fp32", "--num_workers", "0", "--log_every", "1",
               "--learning_rate", "1e-3"]
     # (1) distil the encoder from the latent teacher; body and decoder stay
     pixel_from_latent(sdxl.load_model(str(latent_folder)), 64).save_pretrained(tmp_path / "s0")
@@ -395,4 +397,5 @@ def test_nonfinite_steps_stop_pixel_training(tmp_path, monkeypatch, capsys):
                             "--num_workers", "0"])
     assert code == 1
     assert "10 non-finite steps in a row" in capsys.readouterr().err
-    assert (out / "checkpoints" / "step_000010").is_dir() and not (out / "final").exists()
+    # Read every 10 steps (the demo logs every 25), one step late: stopped and saved at step 11.
+    assert (out / "checkpoints" / "step_000011").is_dir() and not (out / "final").exists()

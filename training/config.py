@@ -31,6 +31,9 @@ class TrainConfig:
     data_dir: str | None = _f(None, "image folder with .txt captions, a metadata .json, or tar shards")
     metadata_files: list[str] = _f(None, "metadata JSON files (image path -> {tags, image_size})", nargs="+")
     train_shards: str | None = _f(None, "WebDataset .tar shards, brace patterns allowed")
+    dataset_config: str | None = _f(None, "kohya-style dataset TOML: subsets with their own folder or metadata file, "
+                                    "repeats, captions, flips, mask and conditioning folders")
+    reg_data_dir: str | None = _f(None, "regularisation images (DreamBooth): N_name folders, balanced as kohya does")
     output_dir: str = _f("out/train", "where checkpoints, samples, metrics and the final weights go")
     image_size: int = _f(1024, "training resolution: buckets hold about image_size^2 pixels")
     bucket_step: int = _f(64, "bucket side granularity in pixels")
@@ -115,7 +118,7 @@ class TrainConfig:
     sample_steps: int = _f(20, "sampler steps for validation images")
     sample_sampler: str = _f("euler", "sampler for validation images")
     sample_cfg: float = _f(5.0, "guidance scale for validation images")
-    log_every: int = _f(1, "write metrics every N steps")
+    log_every: int = _f(10, "write metrics every N steps (read from the device one step late, never mid-step)")
     wandb: bool = _f(False, "log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = _f("sdxl-mini", "wandb project")
     wandb_run_name: str | None = _f(None, "wandb run name")
@@ -201,9 +204,15 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
                           "--train_text_encoder")
     if cfg.full_bf16 and cfg.precision != "bf16":
         raise ConfigError("--full_bf16 needs --precision bf16")
-    if not cfg.demo and cfg.data_dir is None and not cfg.metadata_files and not cfg.train_shards:
-        raise ConfigError("no training data: give --data_dir (or --metadata_files / --train_shards)")
-    if cfg.demo and {"data_dir", "metadata_files", "train_shards", "teacher_checkpoint", "pretrained_model"} & given:
+    if not cfg.demo and cfg.data_dir is None and not cfg.metadata_files and not cfg.train_shards \
+            and not cfg.dataset_config:
+        raise ConfigError("no training data: give --data_dir (or --metadata_files, --train_shards, --dataset_config)")
+    if cfg.dataset_config and (cfg.data_dir or cfg.metadata_files or cfg.train_shards):
+        raise ConfigError("--dataset_config lists the data itself: drop --data_dir, --metadata_files, --train_shards")
+    if cfg.reg_data_dir and cfg.train_shards:
+        raise ConfigError("--reg_data_dir balances against a folder's images: it cannot be used with --train_shards")
+    if cfg.demo and {"data_dir", "metadata_files", "train_shards", "dataset_config", "reg_data_dir",
+                     "teacher_checkpoint", "pretrained_model"} & given:
         raise ConfigError("--demo trains the pixel-demo preset from scratch on its own data: drop the model and "
                           "data flags")
     if cfg.use_lora and (cfg.teacher_checkpoint or cfg.lr_sdxl_unet_body is not None):

@@ -19,6 +19,7 @@ corrupt tar) raises `DatasetError`: one line naming the file, which the CLI turn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import glob
 import io
@@ -29,6 +30,7 @@ import posixpath
 import random
 import re
 import tarfile
+import tomllib
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -76,6 +78,8 @@ class DataStats:
     missing_image: int = 0  # a metadata / tar entry without an image
     converted: int = 0  # non-RGB mode converted (alpha composited on white, 16-bit scaled, CMYK, palette)
     rotated: int = 0  # EXIF orientation applied
+    missing_mask: int = 0  # no mask in the subset's mask folder (weight 1)
+    missing_conditioning: int = 0  # no conditioning image in the subset's conditioning folder
 
     def __str__(self) -> str:
         return "data: " + ", ".join(f"{getattr(self, f.name)} {f.name.replace('_', ' ')}" for f in fields(self))
@@ -92,6 +96,9 @@ class ImageRecord:
     caption: str  # cleaned raw caption, "" when missing
     width: int  # as displayed, i.e. after EXIF rotation
     height: int
+    subset: int = 0  # index into the dataset's subsets (repeats, caption and flip rules)
+    mask: str | None = None  # its loss mask (white learns, black is ignored), from the subset's mask folder
+    conditioning: str | None = None  # its ControlNet conditioning image, from the subset's conditioning folder
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -167,18 +174,28 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return x.permute(2, 0, 1).float().mul_(2 / 255).sub_(1.0)
 
 
-def scan_folder(root: str | os.PathLike, stats: DataStats) -> list[ImageRecord]:
-    """Images under `root` (recursive, sorted, hidden folders skipped) with their same-stem captions."""
-    images: list[tuple[str, str]] = []  # (stem, path)
-    captions: dict[str, str] = {}  # stem -> caption path
+def _walk(root: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """(stem, lower-case extension) of every file under `root`: recursive, sorted, hidden folders skipped."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             stem, ext = os.path.splitext(os.path.join(dirpath, name))
-            if ext.lower() in IMAGE_EXTENSIONS:
-                images.append((stem, stem + ext))
-            elif ext.lower() == ".txt" or (ext.lower() == ".caption" and stem not in captions):  # .txt wins
-                captions[stem] = stem + ext
+            yield stem, ext
+
+
+def scan_folder(root: str | os.PathLike, stats: DataStats, caption_extension: str | None = None,
+                class_tokens: str | None = None) -> list[ImageRecord]:
+    """Images under `root` (recursive, sorted, hidden folders skipped) with their same-stem captions: `.txt`, else
+    `.caption`, or only `caption_extension`; an image without one is captioned `class_tokens` when given."""
+    exts = ["." + caption_extension.lower().lstrip(".")] if caption_extension else [".txt", ".caption"]
+    images: list[tuple[str, str]] = []  # (stem, path)
+    found: dict[str, dict[str, str]] = {}  # stem -> {caption extension: path}
+    for stem, ext in _walk(root):
+        if ext.lower() in IMAGE_EXTENSIONS:
+            images.append((stem, stem + ext))
+        elif ext.lower() in exts:
+            found.setdefault(stem, {})[ext.lower()] = stem + ext
+    captions = {stem: next(c[e] for e in exts if e in c) for stem, c in found.items()}  # .txt before .caption
     for stem in sorted(captions.keys() - {s for s, _ in images}):
         stats.bad("orphan_caption", f"{captions[stem]}: caption without an image, ignored")
     records = []
@@ -188,7 +205,11 @@ def scan_folder(root: str | os.PathLike, stats: DataStats) -> list[ImageRecord]:
         cap, data = captions.get(stem), None
         with contextlib.suppress(OSError):  # an unreadable caption file trains as a missing one
             data = Path(cap).read_bytes() if cap else None
-        caption = decode_caption(data, path if data is None else cap, stats, f"no readable caption file ({stem}.txt)")
+        if data is None and class_tokens is not None:  # kohya: a DreamBooth folder's name is the caption
+            records.append(ImageRecord(path, clean_caption(class_tokens), *size))
+            continue
+        caption = decode_caption(data, path if data is None else cap, stats,
+                                 f"no readable caption file ({stem}{exts[0]})")
         records.append(ImageRecord(path, caption, *size))
     return records
 
@@ -238,6 +259,143 @@ def load_metadata(files: Sequence[str | os.PathLike], stats: DataStats,
         if size is not None:
             records.append(ImageRecord(path, caption, *size))
     return records
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A kohya subset: a folder (or metadata file) of images with its own repeats and caption, flip, mask and
+    conditioning settings; an option left None follows the run's flags. Regularisation subsets (is_reg) are
+    balanced as kohya's sd-scripts does (see balance_repeats)."""
+    image_dir: str | None = None
+    metadata_file: str | tuple[str, ...] | None = None  # image paths relative to it, then to image_dir
+    num_repeats: int = 1
+    is_reg: bool = False
+    class_tokens: str | None = None  # the caption of an image without a caption file
+    caption_extension: str | None = None  # default .txt, else .caption
+    keep_tokens: int | None = None
+    shuffle_caption: bool | None = None
+    flip_aug: bool | None = None
+    mask_dir: str | None = None  # a mask per image: same path relative to image_dir, same stem, any image format
+    conditioning_data_dir: str | None = None  # a ControlNet conditioning image per image, found the same way
+
+    @property
+    def name(self) -> str:
+        files = [self.metadata_file] if isinstance(self.metadata_file, str) else self.metadata_file
+        return f"{'reg ' if self.is_reg else ''}{', '.join(files) if files else self.image_dir}"
+
+    def caption_config(self, base: CaptionConfig) -> CaptionConfig:
+        kw = {"shuffle_tags": self.shuffle_caption, "keep_tokens": self.keep_tokens}
+        return dataclasses.replace(base, **{k: v for k, v in kw.items() if v is not None})
+
+
+_KOHYA_FOLDER = re.compile(r"(\d+)_(.*)")  # "10_sks dog": 10 repeats, captioned "sks dog" where it has no caption
+
+
+def folder_subsets(root: str | os.PathLike, is_reg: bool = False, mask_dir: str | None = None,
+                   conditioning_dir: str | None = None) -> list[Subset]:
+    """kohya's layout: each `N_name` folder under `root` is a subset of N repeats (N = 0: skipped); without such
+    folders `root` is one subset, once per epoch. Mask and conditioning folders mirror `root`."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"{root}: {'reg_data_dir' if is_reg else 'data_dir'} "
+                           f"{'is not a folder' if os.path.exists(root) else 'does not exist'}")
+    named = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and _KOHYA_FOLDER.fullmatch(d.name))
+    if not named:
+        return [Subset(str(root), is_reg=is_reg, mask_dir=mask_dir, conditioning_data_dir=conditioning_dir)]
+    others = sorted(d.name for d in Path(root).iterdir() if d.name not in named and not d.name.startswith("."))
+    if others:
+        warn_bad_file(f"{root}: {len(others)} entries outside its N_name folders ignored, e.g. {others[0]!r}")
+    sub = lambda d, name: d and os.path.join(d, name)  # noqa: E731
+    return [Subset(os.path.join(root, n), num_repeats=int(m[1]), is_reg=is_reg, class_tokens=m[2],
+                   mask_dir=sub(mask_dir, n), conditioning_data_dir=sub(conditioning_dir, n))
+            for n in named if int((m := _KOHYA_FOLDER.fullmatch(n))[1]) > 0]
+
+
+_SUBSET_KEYS = {f.name: f.type for f in fields(Subset)}
+
+
+def _subset(path: Path, entry: dict, where: str) -> Subset:
+    for key, value in entry.items():
+        kind = {"int | None": int, "int": int, "bool": bool, "bool | None": bool}.get(_SUBSET_KEYS.get(key), str)
+        if key not in _SUBSET_KEYS:
+            raise DatasetError(f"{path}: unknown key {key!r} in {where} (known: {', '.join(_SUBSET_KEYS)})")
+        if type(value) is not kind:
+            raise DatasetError(f"{path}: {where}: {key} must be {kind.__name__}, got {value!r}")
+    if not (entry.get("image_dir") or entry.get("metadata_file")):
+        raise DatasetError(f"{path}: {where} has neither image_dir nor metadata_file")
+    if entry.get("num_repeats", 1) < 1 or entry.get("keep_tokens", 0) < 0:
+        raise DatasetError(f"{path}: {where}: num_repeats must be at least 1 and keep_tokens at least 0")
+    rel = ("image_dir", "metadata_file", "mask_dir", "conditioning_data_dir")  # relative to the TOML's folder
+    return Subset(**{k: str(path.parent / v) if k in rel else v for k, v in entry.items()})
+
+
+def load_dataset_config(path: str | os.PathLike) -> list[Subset]:
+    """kohya's dataset TOML: `[general]` subset defaults, `[[datasets]]` (more defaults) each holding
+    `[[datasets.subsets]]`; a top-level `[[subsets]]` list also works. Relative paths are from the TOML's folder."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the dataset config ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: invalid TOML: {e}") from None
+    if unknown := sorted(set(doc) - {"general", "datasets", "subsets"}):
+        raise DatasetError(f"{path}: unknown key {unknown[0]!r} (expected [general], [[datasets]], [[subsets]])")
+    datasets = doc.get("datasets", []) + ([{"subsets": doc["subsets"]}] if "subsets" in doc else [])
+    subsets = [_subset(path, {**doc.get("general", {}), **{k: v for k, v in d.items() if k != "subsets"}, **sub},
+                       f"subset {j + 1} of dataset {i + 1}")
+               for i, d in enumerate(datasets) for j, sub in enumerate(d.get("subsets", []))]
+    if not subsets:
+        raise DatasetError(f"{path}: no subsets (give [[datasets]] with [[datasets.subsets]])")
+    return subsets
+
+
+def _companions(records: list[ImageRecord], folder: str, root: str, what: str, stats: DataStats) -> list[str | None]:
+    """Each record's file in `folder` at its path relative to `root`, same stem, any image format (None: missing)."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"{folder}: {what} folder does not exist")
+    found = {os.path.relpath(stem, folder): stem + ext for stem, ext in _walk(folder)
+             if ext.lower() in IMAGE_EXTENSIONS}
+    out = [found.get(os.path.relpath(os.path.splitext(r.path)[0], root)) for r in records]
+    missing = [r.path for r, c in zip(records, out) if c is None]
+    if what == "conditioning" and len(missing) * 2 > len(records):
+        raise DatasetError(f"{folder}: conditioning images for only {len(records) - len(missing)} of {len(records)} "
+                           f"images under {root} (same relative path and stem, any image format)")
+    for m in missing:
+        stats.bad(f"missing_{what}", f"{m}: no {what} image in {folder}" + (", trained with weight 1" if
+                                                                              what == "mask" else ", skipped"))
+    return out
+
+
+def subset_records(subset: Subset, index: int, stats: DataStats) -> list[ImageRecord]:
+    """The subset's images (with their mask and conditioning paths), each tagged with the subset's index."""
+    if subset.metadata_file:
+        files = [subset.metadata_file] if isinstance(subset.metadata_file, str) else subset.metadata_file
+        records = load_metadata(files, stats, subset.image_dir)
+    elif not os.path.isdir(subset.image_dir):
+        raise DatasetError(f"{subset.image_dir}: image_dir does not exist")
+    else:
+        records = scan_folder(subset.image_dir, stats, subset.caption_extension, subset.class_tokens)
+    root = subset.image_dir or os.path.dirname(files[0])
+    masks = _companions(records, subset.mask_dir, root, "mask", stats) if subset.mask_dir else [None] * len(records)
+    conds = _companions(records, subset.conditioning_data_dir, root, "conditioning", stats) \
+        if subset.conditioning_data_dir else [None] * len(records)
+    records = [dataclasses.replace(r, subset=index, mask=m, conditioning=c) for r, m, c in zip(records, masks, conds)]
+    return [r for r in records if not subset.conditioning_data_dir or r.conditioning]  # ControlNet needs one
+
+
+def balance_repeats(records: Sequence[ImageRecord], subsets: Sequence[Subset]) -> list[int]:
+    """Each record's repeats per epoch. Training images: their subset's num_repeats. Regularisation images, as
+    kohya's sd-scripts (DreamBoothDataset): as many per epoch as training images with repeats, n. In order, each
+    takes its subset's repeats until the count reaches n (later ones unused); if all fit, one more each in turn
+    until it does."""
+    repeats = [0 if subsets[r.subset].is_reg else subsets[r.subset].num_repeats for r in records]
+    reg, target, n = [i for i, r in enumerate(records) if subsets[r.subset].is_reg], sum(repeats), 0
+    for k, i in enumerate(itertools.cycle(reg) if reg and target else ()):
+        add = subsets[records[i].subset].num_repeats if k < len(reg) else 1
+        repeats[i], n = repeats[i] + add, n + add
+        if n >= target:
+            break
+    return repeats
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -295,30 +453,38 @@ class _Source:
         return w * h >= self.min_image_size ** 2
 
     def make_item(self, source: str | io.BytesIO, bucket: Bucket, caption: str, index: int, rng: random.Random,
-                  flip: bool) -> dict:
+                  flip: bool, caption_config: CaptionConfig | None = None) -> dict:
         """A training item: decode (IMAGE_ERRORS if broken), resize to cover, crop, flip, to [-1, 1], caption."""
         img, (h, w) = load_image(source, cover=bucket)
         img, crop = resize_and_crop(img, bucket, rng if self.random_crop else None, flip=flip, original_size=(w, h))
-        return {"pixels": to_tensor(img), "caption": process_caption(caption, self.caption_config, rng),
+        caption = process_caption(caption, caption_config or self.caption_config, rng)
+        return {"pixels": to_tensor(img), "caption": caption,
                 "original_size": (h, w), "crop_top_left": crop, "target_size": tuple(bucket), "index": index}
 
 
 class BucketDataset(_Source, Dataset):
-    """Map-style dataset over ImageRecords, each in its aspect bucket; options as _Source's."""
+    """Map-style dataset over ImageRecords, each in its aspect bucket; options as _Source's. `subsets` (default one
+    plain subset) give each record's repeats and caption / flip rules: an image repeated N times is N items, each
+    with its own crop, flip and caption draws, so samplers, DDP slicing and resume see items and need nothing else."""
 
-    def __init__(self, records: Sequence[ImageRecord], *, latent_cache=None, text_cache=None,
-                 source: str = "dataset", **options):
+    def __init__(self, records: Sequence[ImageRecord], *, subsets: Sequence[Subset] | None = None,
+                 latent_cache=None, text_cache=None, source: str = "dataset", **options):
         super().__init__(**options)
-        self.records = [r for r in records if self.large_enough(r.path, r.width, r.height)]
+        self.subsets = list(subsets or [Subset()])
+        records = [r for r in records if self.large_enough(r.path, r.width, r.height)]
+        self.stats.images = len(records)
+        self.records = [r for r, n in zip(records, balance_repeats(records, self.subsets)) for _ in range(n)]
         if not self.records:
             raise DatasetError(f"{source}: no usable images ({self.stats})")
-        self.stats.images = len(self.records)
         self.bucket_ids = [nearest_bucket(self.buckets, r.width, r.height) for r in self.records]
+        self.plan = self._plan(records)
+        self.captions = [s.caption_config(self.caption_config) for s in self.subsets]
+        self.flips = [self.flip_aug if s.flip_aug is None else s.flip_aug for s in self.subsets]
         if latent_cache is not None and self.random_crop:
             raise DatasetError("random_crop cannot be used with cached latents (the crop is fixed when caching)")
-        if latent_cache is not None and self.flip_aug and not latent_cache.flip_aug:
+        if latent_cache is not None and any(self.flips) and not latent_cache.flip_aug:
             raise DatasetError("flip_aug needs a LatentCache built with flip_aug=True (it caches the mirror too)")
-        if text_cache is not None and self.caption_config.is_random:
+        if text_cache is not None and any(c.is_random for c in self.captions):
             raise DatasetError("caption shuffling / dropout makes captions differ every step: "
                                "their embeddings cannot be cached, encode them in the loop")
         self.latent_cache, self.text_cache = latent_cache, text_cache
@@ -329,19 +495,30 @@ class BucketDataset(_Source, Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _plan(self, records: list[ImageRecord]) -> list[str]:
+        """One line per subset, images x repeats (regularisation: as balanced), when not one plain folder."""
+        if len(self.subsets) == 1 and self.subsets[0].num_repeats == 1:
+            return []
+        images, items = Counter(r.subset for r in records), Counter(r.subset for r in self.records)
+        train = sum(items[i] for i, s in enumerate(self.subsets) if not s.is_reg)
+        return [f"subset {s.name}: {images[i]} images, " + (f"{items[i]} per epoch (balanced to the {train} "
+                "training items)" if s.is_reg else f"x {s.num_repeats} repeats = {items[i]}")
+                for i, s in enumerate(self.subsets)] + [f"{len(self.records)} items per epoch"]
+
     def bucket_table(self) -> str:
-        return bucket_table(self.buckets, self.bucket_ids)
+        """The run plan's data part: the subsets (images x repeats) and the buckets used."""
+        return "\n".join(self.plan + [bucket_table(self.buckets, self.bucket_ids)])
 
     def bucket(self, i: int) -> Bucket:
         return self.buckets[self.bucket_ids[i]]
 
     def caption(self, i: int, rng: random.Random) -> str:
-        return process_caption(self.records[i].caption, self.caption_config, rng)
+        return process_caption(self.records[i].caption, self.captions[self.records[i].subset], rng)
 
     def _load(self, i: int, flip: bool, rng: random.Random) -> dict:
         rec, bucket = self.records[i], self.bucket(i)
         if self.latent_cache is None:
-            return self.make_item(rec.path, bucket, rec.caption, i, rng, flip)
+            return self.make_item(rec.path, bucket, rec.caption, i, rng, flip, self.captions[rec.subset])
         entry = self.latent_cache.load(rec, bucket)  # FileNotFoundError (an OSError) when not cached
         suffix = "_flipped" if flip else ""
         return {"latents": entry["latents" + suffix], "caption": self.caption(i, rng),
@@ -351,7 +528,7 @@ class BucketDataset(_Source, Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = random.Random(f"item:{self.seed}:{self.epoch}:{i}")
-        flip = self.flip_aug and rng.random() < 0.5
+        flip = self.flips[self.records[i].subset] and rng.random() < 0.5
         # A file that fails to decode is replaced by another image of its bucket, so batches keep their shape.
         b = self.bucket_ids[i]
         for j in itertools.chain((i,), (j for j, bj in enumerate(self.bucket_ids) if bj == b and j != i)):
@@ -559,24 +736,31 @@ class ShardStream(_Source):
 
 
 def open_dataset(data_dir: str | os.PathLike | None = None,
-                 metadata_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                 **options) -> BucketDataset:
-    """A BucketDataset of the metadata files (image paths relative to them, then to data_dir), else of the folder
-    data_dir; options as BucketDataset's. Tar shards are open_stream's."""
+                 metadata_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
+                 dataset_config: str | os.PathLike | None = None, reg_data_dir: str | os.PathLike | None = None,
+                 mask_dir: str | None = None, conditioning_dir: str | None = None, **options) -> BucketDataset:
+    """A BucketDataset of a kohya dataset TOML, else of the metadata files (image paths relative to them, then to
+    data_dir), else of the folder data_dir (`N_name` folders in it: N repeats each), plus the regularisation
+    folder's; mask and conditioning folders mirror data_dir; options as BucketDataset's. Tar shards: open_stream."""
     stats = options.setdefault("stats", DataStats())
-    if metadata_files:
+    if dataset_config:
+        subsets = load_dataset_config(dataset_config)
+    elif metadata_files:
         files = [metadata_files] if isinstance(metadata_files, (str, os.PathLike)) else metadata_files
-        return BucketDataset(load_metadata(files, stats, data_dir), source=", ".join(map(str, files)), **options)
-    if data_dir is None:
-        raise DatasetError("no data given: pass data_dir, metadata_files or train_shards")
-    if not os.path.isdir(data_dir):
-        raise DatasetError(f"{data_dir}: data_dir does not exist" if not os.path.exists(data_dir) else f"{data_dir}: "
-                           "not a folder of images (pass a metadata .json as --metadata_files, tar shards as "
-                           "--train_shards)")
-    records = scan_folder(data_dir, stats)
-    if not records and any(Path(data_dir).rglob("*.tar")):
+        subsets = [Subset(str(data_dir) if data_dir else None, tuple(map(str, files)), mask_dir=mask_dir,
+                          conditioning_data_dir=conditioning_dir)]
+    elif data_dir is None:
+        raise DatasetError("no data given: pass data_dir, metadata_files, dataset_config or train_shards")
+    elif os.path.isfile(data_dir):
+        raise DatasetError(f"{data_dir}: not a folder of images (pass a metadata .json as --metadata_files, "
+                           "tar shards as --train_shards)")
+    else:
+        subsets = folder_subsets(data_dir, False, mask_dir, conditioning_dir)
+    subsets += folder_subsets(reg_data_dir, True) if reg_data_dir else []
+    records = [r for k, subset in enumerate(subsets) for r in subset_records(subset, k, stats)]
+    if not records and data_dir and os.path.isdir(data_dir) and any(Path(data_dir).rglob("*.tar")):
         raise DatasetError(f"{data_dir}: no images but .tar files: pass tar shards as --train_shards")
-    return BucketDataset(records, source=str(data_dir), **options)
+    return BucketDataset(records, subsets=subsets, source=", ".join(s.name for s in subsets), **options)
 
 
 def open_stream(train_shards: str | Sequence[str], **options) -> ShardStream:

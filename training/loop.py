@@ -216,7 +216,7 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
     wd, cuda = cfg.weight_decay, device.type == "cuda"
     adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps, "weight_decay": wd}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, **adam, fused=cuda, foreach=not cuda)
+        return torch.optim.AdamW(groups, **adam, fused=True)  # one kernel, and it skips non-finite steps itself
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, momentum=0.9, weight_decay=wd)
     if cfg.optimizer == "adafactor":
@@ -294,18 +294,21 @@ def open_source(cfg: TrainConfig, model, d, out: Path, autocast):
                            seed=cfg.seed, **data_options(cfg)), None, None, False
     from training import cache as cache_mod
     from training.buckets import BucketBatchSampler
-    from training.data import DataStats, collate, open_dataset
+    from training.data import DataStats, collate, load_dataset_config, open_dataset
     stats, cache_dir = DataStats(), Path(cfg.cache_dir or out / "cache")
+    subsets = load_dataset_config(cfg.dataset_config) if cfg.dataset_config else []  # may flip or shuffle their own
     latent_cache = cache_mod.LatentCache(cache_dir, fingerprint(model.unet if model.autoencoder is None else
-                                                                model.autoencoder), cfg.flip_aug) \
-        if cfg.cache_latents else None
-    random_captions = cfg.shuffle_tags or cfg.tag_dropout > 0 or cfg.caption_dropout > 0
+                                                                model.autoencoder),
+                                         cfg.flip_aug or any(s.flip_aug for s in subsets)) if cfg.cache_latents else None
+    random_captions = cfg.shuffle_tags or cfg.tag_dropout > 0 or cfg.caption_dropout > 0 or \
+        any(s.shuffle_caption for s in subsets)
     if cfg.cache_text_embeddings and random_captions and d.is_main:
         print("--cache_text_embeddings: captions change every step (shuffling / dropout), so they are not "
               "cached; the text encoders stay loaded")
     text_cache = cache_mod.TextCache(cache_dir, fingerprint(model.text)) \
         if cfg.cache_text_embeddings and not random_captions else None
-    ds = open_dataset(cfg.data_dir, cfg.metadata_files, seed=cfg.seed, stats=stats, latent_cache=latent_cache,
+    ds = open_dataset(cfg.data_dir, cfg.metadata_files, dataset_config=cfg.dataset_config,
+                      reg_data_dir=cfg.reg_data_dir, seed=cfg.seed, stats=stats, latent_cache=latent_cache,
                       text_cache=text_cache, **data_options(cfg))
     with torch.no_grad(), autocast():
         if latent_cache is not None:
@@ -315,7 +318,8 @@ def open_source(cfg: TrainConfig, model, d, out: Path, autocast):
                 x.float() for x in model.text.encode(list(caps))), rank=d.rank, world_size=d.world_size)
     distributed.barrier(d)
     sampler = BucketBatchSampler(ds.bucket_ids, cfg.batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                                         pin_memory=d.device.type == "cuda")
     source = EpochBatches(ds, sampler, loader, cfg.gradient_accumulation_steps)
     if source.steps_per_epoch < 1:
         raise ConfigError(f"{sampler.batches_per_epoch()} batches per epoch is fewer than "
@@ -348,13 +352,14 @@ def fingerprint(module: nn.Module) -> str:
 def batch_inputs(batch: dict, model, text_trains: bool, device, autocast) -> dict:
     """The Trainee's inputs for a batch: x0 in model space (cached latents, or encoded now), and the text
     conditioning (cached, encoded now by the frozen encoders, or token ids for encoders that train)."""
-    kw = {"time_ids": batch["time_ids"].to(device),
-          "keep": torch.tensor([float(bool(c)) for c in batch["caption"]], device=device)}
+    def put(t: torch.Tensor) -> torch.Tensor:  # from pinned memory (the loader pins on CUDA): no sync
+        return t.to(device, non_blocking=True)
+
+    kw = {"time_ids": put(batch["time_ids"]), "keep": put(torch.tensor([float(bool(c)) for c in batch["caption"]]))}
     with torch.no_grad(), autocast():
-        kw["x0"] = batch["latents"].to(device, torch.float32) if "latents" in batch else \
-            model.encode(batch["pixels"].to(device)).float()
+        kw["x0"] = put(batch["latents"]).float() if "latents" in batch else model.encode(put(batch["pixels"])).float()
         if "context" in batch:
-            kw.update(context=batch["context"].to(device), pooled=batch["pooled"].to(device))
+            kw.update(context=put(batch["context"]), pooled=put(batch["pooled"]))
         elif not text_trains:
             kw["context"], kw["pooled"] = (x.float() for x in model.text.encode(batch["caption"]))
     if text_trains and "context" not in batch:
@@ -370,7 +375,8 @@ def train_step(run: Run, batches, step: int) -> tuple[torch.Tensor, int]:
     for micro in range(accum):
         batch = next(batches)
         n = len(batch["caption"])
-        gens = [torch.Generator().manual_seed(sample_seed(cfg.seed, step, micro, d.rank * cfg.batch_size + i))
+        # Generators on the device: noise and timesteps are drawn there, with no host-to-device copy.
+        gens = [torch.Generator(d.device).manual_seed(sample_seed(cfg.seed, step, micro, d.rank * cfg.batch_size + i))
                 for i in range(n)]
         kw = batch_inputs(batch, run.model, text_trains, d.device, run.autocast)
         sync = micro == accum - 1 or not d.enabled or run.fsdp
@@ -432,14 +438,78 @@ def main(cfg: TrainConfig) -> int:
     return max(exit_code, 0)
 
 
+class Watch:
+    """What the host learns of the device, without waiting for it inside a step: the loss, gradient norm and
+    non-finite counts stay on the device, and every `every` steps (and at the end) they are copied out without
+    blocking; the copy is read one step later, when the device has long finished it and the next step is queued.
+    The stop request travels with it (one all-reduce per read), so every rank stops at the same step."""
+
+    def __init__(self, device: torch.device, every: int):
+        self.device, self.every, self.pending = device, every, None
+        self.streak = torch.zeros((), device=device)  # non-finite steps in a row
+        self.worst = torch.zeros((), device=device)  # the longest such run since the last read
+        self.skipped = torch.zeros((), device=device)
+
+    def count(self, finite: torch.Tensor) -> None:
+        self.streak = torch.where(finite, 0.0, self.streak + 1)
+        self.worst = torch.maximum(self.worst, self.streak)
+        self.skipped = self.skipped + (~finite).float()
+
+    def snapshot(self, step: int, loss: torch.Tensor, norm: torch.Tensor, stop: bool, d, **host) -> None:
+        values = torch.stack([loss.float(), norm.float(), self.worst, self.skipped,
+                              torch.full((), float(stop), device=self.device)])
+        if d.enabled:  # a stop requested on any rank stops every rank (gloo has no MAX on the last entry alone)
+            flag = values[4:].clone()
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            values = torch.cat([values[:4], flag])
+        copy = values.to("cpu", non_blocking=True)
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self.worst, self.skipped = torch.zeros_like(self.worst), torch.zeros_like(self.skipped)
+        self.pending = (step, copy, event, host)
+
+    def read(self) -> tuple[int, dict, dict] | None:
+        """(step, {loss, grad_norm, worst, skipped, stop}, host values) of the last snapshot, once."""
+        if self.pending is None:
+            return None
+        step, copy, event, host = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        loss, norm, worst, skipped, stop = copy.tolist()
+        return step, {"loss": loss, "grad_norm": norm, "worst": worst, "skipped": skipped, "stop": stop}, host
+
+
+def optimizer_step(run: Run, trainable: list[nn.Parameter], loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Clip, then step unless the loss or the gradient is non-finite: (mean loss, grad norm, finite).
+    Fused AdamW skips on the device (its found_inf input, as GradScaler uses it); other optimizers ask the host."""
+    scaler, optimizer = run.scaler, run.optimizer
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(trainable, run.cfg.max_grad_norm or float("inf"))
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
+    loss = distributed.all_reduce_mean(loss, run.d)
+    finite = torch.isfinite(loss) & torch.isfinite(norm)
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled():
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+        optimizer.step()
+        del optimizer.grad_scale, optimizer.found_inf
+    elif finite:  # a host read: the optimizer cannot skip by itself
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm, finite
+
+
 def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
-    """Steps until total_steps, a stop request (saved, -1), or MAX_NONFINITE bad steps in a row (saved, 1)."""
-    cfg, d, scaler, optimizer, emas = run.cfg, run.d, run.scaler, run.optimizer, run.emas
+    """Steps until total_steps, a stop request (saved, -1), or MAX_NONFINITE bad steps in a row (saved, 1).
+    Nothing inside a step waits for the device: see Watch."""
+    cfg, d, emas = run.cfg, run.d, run.emas
     stop = {"signal": False}
     handlers = {s: signal.signal(s, lambda *_: stop.__setitem__("signal", True)) for s in
                 (signal.SIGINT, signal.SIGTERM)}
     trainable = [p for _, p in run.named_trainable]
-    nonfinite, exit_code, t_last, images = 0, 0, time.perf_counter(), 0
+    watch, exit_code, t_last, images = Watch(d.device, min(cfg.log_every, MAX_NONFINITE)), 0, time.perf_counter(), 0
     snapshot_every = cfg.save_interval_steps or max(1, total_steps // 10)
     batches = iter(run.source)
     try:
@@ -447,17 +517,9 @@ def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
             epoch = run.source.epoch
             loss, n = train_step(run, batches, step)
             images += n
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or float("inf"))
-            loss = distributed.all_reduce_mean(loss, d)
-            finite = bool(torch.isfinite(loss) and torch.isfinite(norm))
-            if finite:
-                scaler.step(optimizer)
-            scaler.update()
-            nonfinite = 0 if finite else nonfinite + 1
-            if not finite:
-                logger.write(f"step {step}: non-finite loss or gradient, step skipped ({nonfinite} in a row)")
-            optimizer.zero_grad(set_to_none=True)
+            exit_code = report(watch.read(), logger, d.device)  # the last snapshot, read with this step queued
+            loss, norm, finite = optimizer_step(run, trainable, loss)
+            watch.count(finite)
             lr_used = run.scheduler.get_last_lr()[0]  # what this step used (logged), before the update
             run.scheduler.step()
             step += 1
@@ -465,24 +527,17 @@ def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
                 emas["ema"].update()
             if emas["power"] is not None:
                 emas["power"].update(step)
-            if step % cfg.log_every == 0 or step == total_steps:
+            if step % watch.every == 0 or step == total_steps or exit_code:
                 now = time.perf_counter()
-                metrics = {"epoch": epoch, "loss": loss.item(), "lr": lr_used, "grad_norm": norm.item(),
-                           "images_per_sec": images / max(now - t_last, 1e-9), "peak_mem_gb": peak_memory_gb(d.device)}
-                logger.log(step, metrics)
-                logger.progress(step, loss=metrics["loss"], lr=lr_used, img_s=metrics["images_per_sec"],
-                                mem_gb=metrics["peak_mem_gb"])
+                watch.snapshot(step, loss, norm, stop["signal"], d, epoch=epoch, lr=lr_used,
+                               images_per_sec=images / max(now - t_last, 1e-9), log=step % cfg.log_every == 0)
                 t_last, images = now, 0
+                if step == total_steps or exit_code:
+                    exit_code = report(watch.read(), logger, d.device, final=True) or exit_code
             if emas["power"] is not None and d.is_main and (step % snapshot_every == 0 or step == total_steps):
                 emas["power"].save_snapshots(run.out / "ema_snapshots", step)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 sample_images(cfg, run.model, emas["ema"], run.out, step, logger, d, run.autocast)
-            if nonfinite >= MAX_NONFINITE:
-                logger.write(f"{MAX_NONFINITE} non-finite steps in a row: saving and stopping")
-                exit_code = 1
-            elif distributed.any_true(stop["signal"], d, d.device):
-                logger.write(f"stop requested: saving step {step} and exiting")
-                exit_code = -1
             end_of_epoch = run.source.epoch != epoch
             if exit_code or (cfg.save_interval_steps and step % cfg.save_interval_steps == 0) or (
                     end_of_epoch and cfg.save_interval and run.source.epoch % cfg.save_interval == 0):
@@ -495,6 +550,27 @@ def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
             signal.signal(s, h)
     return exit_code
 
+
+def report(reading, logger: Logger, device: torch.device, final: bool = False) -> int:
+    """Log a Watch reading; 1 when MAX_NONFINITE steps in a row were non-finite, -1 on a stop request, else 0."""
+    if reading is None:
+        return 0
+    step, dev, host = reading
+    if dev["skipped"]:
+        logger.write(f"up to step {step}: {int(dev['skipped'])} non-finite loss or gradient step(s) skipped")
+    if host["log"] or final:
+        metrics = {"epoch": host["epoch"], "loss": dev["loss"], "lr": host["lr"], "grad_norm": dev["grad_norm"],
+                   "images_per_sec": host["images_per_sec"], "peak_mem_gb": peak_memory_gb(device)}
+        logger.log(step, metrics)
+        logger.progress(step, loss=metrics["loss"], lr=host["lr"], img_s=metrics["images_per_sec"],
+                        mem_gb=metrics["peak_mem_gb"])
+    if dev["worst"] >= MAX_NONFINITE:
+        logger.write(f"{MAX_NONFINITE} non-finite steps in a row: saving and stopping")
+        return 1
+    if dev["stop"]:
+        logger.write(f"stop requested: saving step {step} and exiting")
+        return -1
+    return 0
 
 
 # ---- EMA, resume, saving ------------------------------------------------------------------------------------
