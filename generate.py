@@ -10,7 +10,11 @@ the number of GPUs or on restarts: rerunning over the same folder skips finished
 entry (a killed run loses only the images in flight). Output: --output-format coco writes
 <out>/images/<12-digit id>.png and <out>/annotations/captions.json; simple writes <out>/<6-digit index>.png and
 <out>/prompts.txt. Each PNG carries its settings in an A1111-style `parameters` text chunk.
-Bad input (prompt file, size, sampler, model or LoRA file) exits with code 2 and one line on stderr.
+Bad input (prompt file, size, sampler, model or LoRA file, init images and masks, strength, refiner) exits with
+code 2 and one line on stderr.
+
+    python generate.py --pretrained_model sdxl-base-folder --prompt "a (red:1.3) fox" --prompt-weighting \\
+        --init-image photos/ --mask-image masks/ --strength 0.8 --refiner sdxl-refiner-folder --refiner-switch 0.8
 """
 from __future__ import annotations
 
@@ -59,6 +63,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="created if needed; finished images there are kept and skipped (default: out/generated)")
     p.add_argument("--output-format", "--output_format", choices=["coco", "simple"], default="coco",
                    help="coco: images/ + annotations/captions.json; simple: numbered PNGs + prompts.txt")
+    p.add_argument("--grid", type=int, default=None, metavar="N",
+                   help="also write <output-dir>/grid.png, a contact sheet of the first N images with their prompts")
+    g = p.add_argument_group("image to image, inpainting, the refiner, prompt emphasis")
+    g.add_argument("--init-image", "--init_image", default=None,
+                   help="img2img: an image file for every prompt, or a folder whose images (sorted by name) go to "
+                        "the prompts by index; resized to the output size")
+    g.add_argument("--mask-image", "--mask_image", default=None,
+                   help="inpainting: a mask file or folder as --init-image (white = repaint), each the size of its "
+                        "init image")
+    g.add_argument("--cycle", action="store_true",
+                   help="an --init-image / --mask-image folder with fewer images than prompts reuses them in turn")
+    g.add_argument("--strength", type=float, default=0.6,
+                   help="img2img / inpainting: the noise level the init image starts from, in (0, 1]; about "
+                        "strength x steps steps run (default: 0.6)")
+    g.add_argument("--refiner", default=None,
+                   help="a refiner model (folder, file or preset) that takes over at --refiner-switch")
+    g.add_argument("--refiner-switch", "--refiner_switch", type=float, default=0.8,
+                   help="the fraction of the denoising the base model does, in (0, 1) (default: 0.8)")
+    g.add_argument("--aesthetic-score", "--aesthetic_score", type=float, default=6.0,
+                   help="a refiner's aesthetic-score conditioning (default: 6)")
+    g.add_argument("--negative-aesthetic-score", "--negative_aesthetic_score", type=float, default=2.5,
+                   help="the same for the negative branch (default: 2.5)")
+    g.add_argument("--prompt-weighting", "--prompt_weighting", action="store_true",
+                   help="A1111 emphasis: (word), (word:1.3), [word], \\( for a literal bracket, BREAK for a new "
+                        "75-token chunk (default: off, brackets are text)")
     return p.parse_args(argv)
 
 
@@ -73,6 +102,52 @@ def parse_lora(spec: str) -> tuple[str, float]:
         return path, float(scale)
     except ValueError:
         return spec, 1.0
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def image_files(path: str, flag: str, num_prompts: int, cycle: bool) -> list[str]:
+    """One file, or a folder's images sorted by name, at least one per prompt unless --cycle."""
+    p = Path(path)
+    if p.is_file():
+        return [str(p)]
+    if not p.is_dir():
+        raise UsageError(f"{p}: no such {flag} file or folder")
+    files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files or (len(files) < num_prompts and not cycle):
+        raise UsageError(f"{p}: {len(files)} images for {num_prompts} prompts (add --cycle to use them in turn)")
+    return files
+
+
+def image_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except OSError:
+        raise UsageError(f"{path}: not a readable image") from None
+
+
+def check_images(a: argparse.Namespace, num_prompts: int) -> tuple[list[str], list[str]]:
+    """The init images and masks of --init-image / --mask-image, each mask the size of its init image."""
+    if a.mask_image and not a.init_image:
+        raise UsageError("--mask-image needs --init-image")
+    if not a.init_image:
+        return [], []
+    if not 0 < a.strength <= 1:
+        raise UsageError(f"--strength must be in (0, 1], got {a.strength}")
+    if int(a.steps * a.strength) < 1:
+        raise UsageError(f"--strength {a.strength} with --steps {a.steps} runs no step")
+    inits = image_files(a.init_image, "--init-image", num_prompts, a.cycle)
+    masks = image_files(a.mask_image, "--mask-image", num_prompts, a.cycle) if a.mask_image else []
+    for init, mask in sorted({(inits[k % len(inits)], masks[k % len(masks)] if masks else "")
+                              for k in range(num_prompts)}):  # each pair once
+        size = image_size(init)
+        if mask and image_size(mask) != size:
+            raise UsageError(f"{mask}: the mask is {'x'.join(map(str, image_size(mask)))}, its init image {init} "
+                             f"is {'x'.join(map(str, size))}")
+    return inits, masks
 
 
 def build_settings(a: argparse.Namespace):
@@ -94,7 +169,7 @@ def build_settings(a: argparse.Namespace):
         raise UsageError(f"image size {width}x{height} must be positive multiples of 8")
     resolve_sampler(a.sampler)  # unknown name -> ValueError listing the known ones
     for name, v in (("--num-images", a.num_images), ("--batch-size", a.batch_size), ("--steps", a.steps),
-                    ("--num-gpus", a.num_gpus)):
+                    ("--num-gpus", a.num_gpus), ("--grid", a.grid)):
         if v is not None and v < 1:
             raise UsageError(f"{name} must be at least 1, got {v}")
     model, loras = a.pretrained_model, []
@@ -117,13 +192,21 @@ def build_settings(a: argparse.Namespace):
         if not Path(path).is_file():
             raise UsageError(f"{path}: no such LoRA file")
         loras.append((path, scale))
+    inits, masks = check_images(a, min(len(prompts), a.num_images or len(prompts)))  # the prompts in use
+    if a.refiner and a.refiner not in PRESETS and not Path(a.refiner).exists():
+        raise UsageError(f"{a.refiner}: no such refiner file or folder, and not a preset")
+    if a.refiner and not 0 < a.refiner_switch < 1:
+        raise UsageError(f"--refiner-switch must be in (0, 1), got {a.refiner_switch}")
     import torch
     gpu = torch.cuda.is_available()
     return Settings(model=model, out_dir=a.output_dir, fmt=a.output_format, prompts=prompts,
                     negative_prompt=a.negative_prompt, seed=a.seed, height=height, width=width,
                     steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, batch_size=a.batch_size,
                     precision=a.precision or ("bf16" if gpu else "fp32"), vae=a.vae, loras=loras,
-                    model_name=Path(model).stem if Path(model).exists() else model)
+                    model_name=Path(model).stem if Path(model).exists() else model, init_images=inits, masks=masks,
+                    strength=a.strength, refiner=a.refiner, refiner_switch=a.refiner_switch,
+                    aesthetic_score=a.aesthetic_score, negative_aesthetic_score=a.negative_aesthetic_score,
+                    prompt_weighting=a.prompt_weighting)
 
 
 def check_existing(folder, s, num: int) -> None:
@@ -135,6 +218,19 @@ def check_existing(folder, s, num: int) -> None:
                          for f, w in zip(found.split("\n"), want.split("\n")) if f != w), "another negative prompt")
             raise UsageError(f"{folder.path(i)} was made with other settings ({diff[:200]}); rerun with the same "
                              "settings or use another --output-dir")
+
+
+def write_grid(folder, n: int | None) -> None:
+    """<out>/grid.png: the first n images (cells of at most 256 px) with their prompts under them."""
+    if not n:
+        return
+    from PIL import Image
+
+    from training.logging import image_grid, save_png
+    first = sorted(folder.records)[:n]
+    images = [Image.open(folder.path(i)).convert("RGB") for i in first]
+    save_png(image_grid(images, [folder.records[i].caption for i in first], cell=256), folder.root / "grid.png")
+    print(f"wrote {folder.root / 'grid.png'} ({len(first)} images)")
 
 
 def main(argv=None) -> int:
@@ -166,6 +262,7 @@ def main(argv=None) -> int:
     print(f"{num} images ({num - len(pending)} already done) -> {folder.root} [{s.fmt}], {where}", flush=True)
     if not pending:
         folder.write_index()  # repairs an index a killed run left behind
+        write_grid(folder, a.grid)
         return 0
     try:
         run(s, pending, folder, n_workers, num)
@@ -178,6 +275,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # the index was rewritten after each finished batch
         print("generate.py: interrupted; finished images are kept, rerun to continue", file=sys.stderr)
         return 130
+    write_grid(folder, a.grid)
     return 0
 
 

@@ -36,14 +36,16 @@ A1111_SAMPLERS = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun"
 
 
 def a1111_parameters(prompt: str, negative: str | None, steps: int, sampler: str, cfg: float, seed: int,
-                     width: int, height: int, model: str) -> str:
+                     width: int, height: int, model: str, extra: dict | None = None) -> str:
     """The `parameters` text A1111 writes (civitai and image browsers read it): the prompt, "Negative prompt: ..."
-    when there is one, "Steps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: <name>"."""
+    when there is one, "Steps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: <name>", then
+    `extra` as ", Key: value" (e.g. "Denoising strength: 0.6, Refiner: <name>, Refiner switch at: 0.8")."""
     negative = f"\nNegative prompt: {negative}" if negative else ""
     base = sampler.removesuffix("_karras")
     sampler = A1111_SAMPLERS.get(base, base) + (" Karras" if base != sampler else "")
+    more = "".join(f", {k}: {v:g}" if isinstance(v, float) else f", {k}: {v}" for k, v in (extra or {}).items())
     return (f"{prompt}{negative}\nSteps: {steps}, Sampler: {sampler}, CFG scale: {cfg:g}, "
-            f"Seed: {seed}, Size: {width}x{height}, Model: {model}")
+            f"Seed: {seed}, Size: {width}x{height}, Model: {model}{more}")
 
 
 class ImageFolder:

@@ -11,6 +11,7 @@ import os
 import queue as queue_mod
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -37,14 +38,37 @@ class Settings:
     vae: str | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
     model_name: str = "sdxl"
+    init_images: list[str] = field(default_factory=list)  # prompt k's init image: init_images[k mod len]
+    masks: list[str] = field(default_factory=list)  # the same for masks (white = repaint)
+    strength: float = 0.6
+    refiner: str | None = None
+    refiner_switch: float = 0.8
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    prompt_weighting: bool = False
 
     def prompt(self, index: int) -> str:
         return self.prompts[index % len(self.prompts)]
 
+    def image(self, files: list[str], index: int) -> str | None:
+        """Image `index`'s file of `files` (init images or masks): its prompt's, in turn when fewer."""
+        return files[index % len(self.prompts) % len(files)] if files else None
+
     def parameters(self, index: int) -> str:
-        """The A1111 `parameters` text of image `index`."""
+        """The A1111 `parameters` text of image `index`, with the options beyond text-to-image that are used."""
+        init, mask = self.image(self.init_images, index), self.image(self.masks, index)
+        extra = {"Denoising strength": self.strength, "Init image": Path(init).name} if init else {}
+        if mask:
+            extra["Mask"] = Path(mask).name
+        if self.refiner:
+            extra |= {"Refiner": Path(self.refiner).stem, "Refiner switch at": self.refiner_switch}
+        if (self.aesthetic_score, self.negative_aesthetic_score) != (6.0, 2.5):
+            extra |= {"Aesthetic score": self.aesthetic_score,
+                      "Negative aesthetic score": self.negative_aesthetic_score}
+        if self.prompt_weighting:
+            extra["Emphasis"] = "Original"
         return a1111_parameters(self.prompt(index), self.negative_prompt, self.steps, self.sampler, self.cfg_scale,
-                                self.seed + index, self.width, self.height, self.model_name)
+                                self.seed + index, self.width, self.height, self.model_name, extra)
 
 
 class LoadError(ValueError):
@@ -59,17 +83,26 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_for_generation(s: Settings, device: str | torch.device):
-    """The model with its LoRAs merged, checked against the image size and sampler; any failure is a LoadError."""
+    """(model with its LoRAs merged, refiner or None), checked against the image size and sampler; any failure is
+    a LoadError."""
     import sdxl
+
+    from .pipeline import check_refiner
     try:
         model = sdxl.load_model(s.model, device=device, dtype=DTYPES[s.precision], vae=s.vae)
         for path, scale in s.loras:
             model.load_lora(path, scale)
         model.space(s.height, s.width)
         model.sampling(s.sampler, s.steps)
+        refiner = sdxl.load_model(s.refiner, device=device, dtype=DTYPES[s.precision]) if s.refiner else None
+        if refiner is not None:
+            try:
+                check_refiner(model, refiner, s.height, s.width, s.sampler, s.steps)
+            except ValueError as e:
+                raise ValueError(f"{s.refiner}: {e}") from None
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise LoadError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    return model
+    return model, refiner
 
 
 def plan_batches(pending: list[int], batch_size: int, total: int) -> list[list[int]]:
@@ -78,11 +111,27 @@ def plan_batches(pending: list[int], batch_size: int, total: int) -> list[list[i
     return [list(range(k, min(k + batch_size, total))) for k in starts]
 
 
-def make_batch(model, s: Settings, folder: ImageFolder, batch: list[int], todo: set[int]) -> list[Record]:
-    """Generate the whole `batch` (so its pixels do not depend on what was already done); save those in `todo`."""
+def make_batch(models, s: Settings, folder: ImageFolder, batch: list[int], todo: set[int]) -> list[Record]:
+    """Generate the whole `batch` (so its pixels do not depend on what was already done); save those in `todo`.
+    `models`: what load_for_generation returned."""
+    from PIL import Image
+
     from .pipeline import generate
+
+    def read(files: list[str], mode: str):  # each image of the batch its own (the file closed once read)
+        if not files:
+            return None
+        out = []
+        for i in batch:
+            with Image.open(s.image(files, i)) as im:
+                out.append(im.convert(mode))
+        return out
+    model, refiner = models
     images = generate(model, [s.prompt(i) for i in batch], s.negative_prompt, height=s.height, width=s.width,
-                      steps=s.steps, guidance_scale=s.cfg_scale, sampler=s.sampler, seed=[s.seed + i for i in batch])
+                      steps=s.steps, guidance_scale=s.cfg_scale, sampler=s.sampler, seed=[s.seed + i for i in batch],
+                      init_image=read(s.init_images, "RGB"), strength=s.strength, mask_image=read(s.masks, "L"),
+                      refiner=refiner, refiner_switch=s.refiner_switch, aesthetic_score=s.aesthetic_score,
+                      negative_aesthetic_score=s.negative_aesthetic_score, prompt_weighting=s.prompt_weighting)
     return [folder.save(i, im, s.prompt(i), s.parameters(i)) for i, im in zip(batch, images) if i in todo]
 
 

@@ -115,7 +115,8 @@ class ControlNet(UNetEncoder):
         """CheckpointError (one line) unless this ControlNet's residuals fit `unet`'s skips."""
         if unet.entry_level:
             raise CheckpointError(f"{source}: a ControlNet steers a latent UNet, not a pixel model's body")
-        for name in (f.name for f in dataclasses.fields(UNetConfig)):
+        # out_channels and sample_size do not shape the encoder (and diffusers' ControlNet config leaves them out)
+        for name in (f.name for f in dataclasses.fields(UNetConfig) if f.name not in ("out_channels", "sample_size")):
             if (ours := getattr(self.config, name)) != (theirs := getattr(unet.config, name)):
                 raise CheckpointError(f"{source}: made for another UNet ({name} {ours}, the UNet has {theirs})")
 

@@ -112,6 +112,18 @@ def min_snr_weight(snr_t: Tensor, gamma: float, prediction_type: str) -> Tensor:
                  v_prediction=lambda: snr_t.clamp(max=gamma) / (snr_t + 1), sample=lambda: snr_t.clamp(max=gamma))
 
 
+def per_sample_mean(err: Tensor, weight: Tensor | None = None) -> Tensor:
+    """err (B, C, H, W) -> (B,): the mean per sample, or with a per-element weight (B, 1, h, w) (a loss mask,
+    area-resized to err's grid) the weighted mean sum(w err) / sum(w), so a sample's loss does not shrink with its
+    mask's area; an all-zero weight gives 0 and zero gradients, an all-one weight the plain mean bit for bit."""
+    if weight is None:
+        return err.mean(dim=(1, 2, 3))
+    if weight.shape[-2:] != err.shape[-2:]:  # a pixel-space mask on the latent grid: the mean of each cell
+        weight = torch.nn.functional.interpolate(weight.float(), size=err.shape[-2:], mode="area")
+    weight = weight.to(err.dtype)
+    return (err * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3)).clamp(min=1e-8)
+
+
 # ------------------------------------------------------------------------- flow matching (SD3), timestep sampling
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,25 +59,29 @@ class DDPMObjective:
 
     def noisy(self, x0: torch.Tensor, generators: list[torch.Generator]):
         """(x_t, t, noise, abar), each sample's draws from its own generator in a fixed order."""
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators])
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=g.device) for g in generators])
         if self.noise_offset:
-            noise = noise + self.noise_offset * torch.stack([torch.randn(x0.shape[1], 1, 1, generator=g)
-                                                             for g in generators])
+            noise = noise + self.noise_offset * torch.stack([torch.randn(x0.shape[1], 1, 1, generator=g,
+                                                                         device=g.device) for g in generators])
         t = torch.cat([diffusion.sample_timesteps(1, self.timestep_sampling, mean=self.logit_mean,
                                                   std=self.logit_std, t_range=self.t_range, generator=g)
                        for g in generators])
-        noise, t = noise.to(x0.device), t.to(x0.device)
-        abar = self.alphas_cumprod.to(x0.device)[t]
+        noise, t = noise.to(x0.device), t.to(x0.device)  # no-ops when the generators live on x0's device
+        if self.alphas_cumprod.device != x0.device:  # moved once, not every step
+            self.alphas_cumprod = self.alphas_cumprod.to(x0.device)
+        abar = self.alphas_cumprod[t]
         return diffusion.add_noise(x0, noise, abar), t, noise, abar
 
-    def loss(self, net, x0: torch.Tensor, cond: tuple, generators: list[torch.Generator]) -> torch.Tensor:
+    def loss(self, net, x0: torch.Tensor, cond: tuple, generators: list[torch.Generator],
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss (B,); `weight` (B, 1, h, w): a loss mask (diffusion.per_sample_mean)."""
         x_t, t, noise, abar = self.noisy(x0, generators)
         pred, kind = net(x_t, t, *cond).float(), self.prediction_type
         if self.loss_type == "velocity":
             pred = diffusion.v_target(diffusion.to_x0(pred, x_t, abar, kind), diffusion.to_eps(pred, x_t, abar, kind),
                                       abar)
             kind = "v_prediction"
-        loss = (pred - diffusion.training_target(x0, noise, abar, kind)).pow(2).mean(dim=(1, 2, 3))
+        loss = diffusion.per_sample_mean((pred - diffusion.training_target(x0, noise, abar, kind)).pow(2), weight)
         if self.min_snr_gamma:
             loss = loss * diffusion.min_snr_weight(abar / (1 - abar), self.min_snr_gamma, kind)
         return loss
@@ -92,6 +96,7 @@ class SDXL(nn.Module):
         objective(**options) -> .loss(net, x0, cond, generators) per sample
         param_groups(lr, **options) -> what trains          sampling(sampler, steps) -> (fn, schedule)
         denoiser(model_fn, schedule) -> denoiser(x, sigma)  guidance_interval (default, model timesteps)
+        noised(x0, noise, sigma) -> x at level sigma (img2img starts there; inpainting blends the known region)
     """
     family = "latent"
     # Training options of the pixel recipe: with a latent model each is an error.
@@ -117,7 +122,7 @@ class SDXL(nn.Module):
         f = self.vae.config.downsample_factor
         if height % f or width % f or height <= 0 or width <= 0:
             raise ValueError(f"image size {width}x{height} must be positive multiples of {f}")
-        return (self.unet.config.in_channels, height // f, width // f)
+        return (self.vae.config.latent_channels, height // f, width // f)  # an inpainting UNet takes 9 of them
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode_latents(images.to(self.vae.dtype))
@@ -143,6 +148,11 @@ class SDXL(nn.Module):
 
     def denoiser(self, model_fn, schedule):
         return make_denoiser(model_fn, diffusion.get_alphas_cumprod(), self.config.prediction_type, schedule)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x0 at noise level sigma on the samplers' scale, for unit noise: x0 + sigma noise (the VP sample
+        sqrt(abar) x0 + sqrt(1 - abar) noise times sqrt(1 + sigma^2))."""
+        return x0 + sigma * noise
 
     # ---- diffusers layout -------------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -261,9 +271,13 @@ def _single_file_config(path: Path, header: dict, metadata: dict[str, str]) -> M
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: unreadable {_META_KEY} metadata ({e})") from None
     try:
-        return PRESETS[convert.detect_original(header)]
+        cfg = PRESETS[convert.detect_original(header)]
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    conv_in = header.get(convert.UNET_PREFIX + "input_blocks.0.0.weight")  # 9 input channels: an inpainting UNet
+    if conv_in is None or conv_in.ndim != 4:  # else the key check reports it
+        return cfg
+    return cfg.replace(unet=replace(cfg.unet, in_channels=conv_in.shape[1]))
 
 
 def _from_single_file(path: Path, device, dtype) -> SDXL:

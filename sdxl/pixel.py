@@ -147,8 +147,8 @@ def load_body(unet: PixelUNet, latent_state: dict[str, torch.Tensor], source: st
 
 
 def _per_sample(generators: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
-    """One unit-normal tensor of `shape` per generator, stacked (B, *shape), drawn on the CPU."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    """One unit-normal tensor of `shape` per generator, stacked (B, *shape), drawn on the generator's device."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
 def _jit_timesteps(generators, mode: str, mean: float, std: float, device) -> torch.Tensor:
@@ -173,12 +173,13 @@ class JiTObjective:
         t = _jit_timesteps(generators, self.timestep_sampling, self.logit_mean, self.logit_std, x.device)
         return t.reshape(-1, 1, 1, 1) * x + (1 - t.reshape(-1, 1, 1, 1)) * self.noise_scale * e, t
 
-    def loss(self, net, x: torch.Tensor, cond: tuple, generators: list[torch.Generator]) -> torch.Tensor:
-        """Per-sample loss (B,)."""
+    def loss(self, net, x: torch.Tensor, cond: tuple, generators: list[torch.Generator],
+             weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample loss (B,); `weight` (B, 1, H, W): a loss mask (diffusion.per_sample_mean)."""
         z, t = self.noisy(x, generators)
         x_pred = net(z, 1000 * (1 - t), *cond).float()
         denom = (1 - t).clamp(min=self.t_eps).reshape(-1, 1, 1, 1)
-        return ((x - x_pred) / denom).pow(2).mean(dim=(1, 2, 3))  # v - v_pred = (x - x_pred) / denom
+        return diffusion.per_sample_mean(((x - x_pred) / denom).pow(2), weight)  # v - v_pred = (x - x_pred) / denom
 
 
 @dataclass
@@ -204,8 +205,9 @@ class DistilObjective:
             with torch.no_grad():
                 lat = vae.encode_latents(pixels.to(vae.dtype))
                 abar = (t**2 / (t**2 + (1 - t) ** 2)).clamp(1e-4, 1 - 1e-6)
-                table = diffusion.get_alphas_cumprod().to(abar.device)  # the nearest SDXL training timestep
-                ddpm_t = (table[None] - abar[:, None]).abs().argmin(dim=1).float()
+                if getattr(self, "table", None) is None:  # on the device once, not copied every step
+                    self.table = diffusion.get_alphas_cumprod().to(abar.device)
+                ddpm_t = (self.table[None] - abar[:, None]).abs().argmin(dim=1).float()  # the nearest SDXL step
                 noise = _per_sample(generators, lat.shape[1:], lat.device)
                 unet(diffusion.add_noise(lat, noise, abar), ddpm_t, *cond)
         finally:
@@ -213,14 +215,15 @@ class DistilObjective:
                 h.remove()
         return got["entry"].float(), got["exit"].float()
 
-    def loss(self, net, x: torch.Tensor, cond: tuple, generators: list[torch.Generator]) -> torch.Tensor:
+    def loss(self, net, x: torch.Tensor, cond: tuple, generators: list[torch.Generator],
+             weight: torch.Tensor | None = None) -> torch.Tensor:
         z, t = self.jit.noisy(x, generators)
         entry, exit_ = self.features(x, cond, t, generators, net.pixel_config.entry_level)
         loss = x.new_zeros(x.shape[0])
-        if self.side in ("encoder", "both"):
-            loss = loss + (net.encoder(z.to(net.dtype)).float() - entry).pow(2).mean(dim=(1, 2, 3))
+        if self.side in ("encoder", "both"):  # the mask on the body's entry grid
+            loss = loss + diffusion.per_sample_mean((net.encoder(z.to(net.dtype)).float() - entry).pow(2), weight)
         if self.side in ("decoder", "both"):
-            loss = loss + (net.decoder(exit_.to(net.dtype)).float() - x).pow(2).mean(dim=(1, 2, 3))
+            loss = loss + diffusion.per_sample_mean((net.decoder(exit_.to(net.dtype)).float() - x).pow(2), weight)
         return loss
 
 
@@ -237,7 +240,8 @@ class PixelSDXL(nn.Module):
         "cache_latents": "it has no latents to cache", "vae": "it has no VAE", "vae_precision": "it has no VAE",
         "prediction_type": "it predicts x (JiT)", "loss_type": "it trains on the JiT velocity loss",
         "min_snr_gamma": "a DDPM loss weight", "noise_offset": "a DDPM-noise option",
-        "zero_terminal_snr": "a DDPM-schedule option", "timestep_range": "a DDPM-timestep option"}
+        "zero_terminal_snr": "a DDPM-schedule option", "timestep_range": "a DDPM-timestep option",
+        "controlnet": "a ControlNet steers a latent UNet"}
     autoencoder = None  # model space is pixel space
 
     def __init__(self, config: PixelConfig, unet: PixelUNet, text: DualCLIP):
@@ -305,6 +309,10 @@ class PixelSDXL(nn.Module):
     def denoiser(self, model_fn, schedule):
         """The net is already a denoiser: x0 = net(x, 1000 s) on the flow scale."""
         return make_denoiser(model_fn, None, "sample", schedule)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """x0 at flow level s for unit noise: (1 - s) x0 + s noise_scale noise (JiT's z at t = 1 - s)."""
+        return (1 - sigma) * x0 + sigma * self.config.noise_scale * noise
 
     # ---- files
     def save_pretrained(self, folder: str | os.PathLike) -> None:

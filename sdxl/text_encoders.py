@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import math
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers import CLIPTokenizer as _CLIPTokenizer
 
 from .config import TextEncoderConfig
+from .prompts import chunk_tokens, parse_emphasis
 
 BPE_PATH = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -166,30 +166,44 @@ class DualCLIP(nn.Module):
         return [("text_encoder", self.text_encoder, self.tokenizer),
                 ("text_encoder_2", self.text_encoder_2, self.tokenizer_2)]
 
-    def tokenize(self, prompts: list[str], num_chunks: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def tokenize(self, prompts: list[str], num_chunks: int | None = None, weighting: bool = False):
         """Chunked token ids for each tokenizer: (ids, ids_2), each (B, k, 77) int64 on the CPU (ids is None
-        without text_encoder). k = `num_chunks`, or what the longest prompt needs in either tokenizer."""
+        without text_encoder). k = `num_chunks`, or what the longest prompt needs in either tokenizer. weighting:
+        read A1111 emphasis and BREAK (sdxl.prompts) and return (ids, ids_2, weights), weights (B, k, 77) float32."""
         if isinstance(prompts, str) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
         L = self.text_encoder_2.config.max_position_embeddings  # tokens per chunk, BOS and EOS included (77)
         n = L - 2
-        towers = [tok for _, enc, tok in self._parts() if enc is not None]
-        encoded = [tok(list(prompts), add_special_tokens=False, verbose=False)["input_ids"] for tok in towers]
-        need = max([1] + [math.ceil(len(x) / n) for per_tok in encoded for x in per_tok])
+        texts = [parse_emphasis(p) if weighting else [(p, 1.0)] for p in prompts]
+        towers, chunked = [tok for _, enc, tok in self._parts() if enc is not None], []
+        for tok in towers:
+            # Every fragment of every prompt in one tokenizer call, then each prompt's fragments in chunks.
+            flat = iter(tok([s for frags in texts for s, _ in frags], add_special_tokens=False,
+                            verbose=False)["input_ids"])
+            chunked.append([chunk_tokens(frags, [next(flat) for _ in frags], n) for frags in texts])
+        need = max(len(chunks) for per_tok in chunked for chunks in per_tok)
         if num_chunks is not None and num_chunks < need:
             raise ValueError(f"a prompt needs {need} chunks of {n} tokens, more than num_chunks={num_chunks}")
-        k = num_chunks or need
-        ids = []
-        for tok, per_tok in zip(towers, encoded):
-            # Chunk i of a prompt: BOS, its tokens [n*i, n*(i+1)), EOS, pad; past the prompt's end, BOS EOS pad...
-            parts = [x[i * n:(i + 1) * n] for x in per_tok for i in range(k)]
-            rows = [[tok.bos_token_id, *p, tok.eos_token_id] + [tok.pad_token_id] * (n - len(p)) for p in parts]
-            ids.append(torch.tensor(rows, dtype=torch.long).reshape(len(per_tok), k, L))
-        return (None, ids[0]) if self.text_encoder is None else (ids[0], ids[1])
+        k, ids, weights = num_chunks or need, [], []
+        for tok, per_tok in zip(towers, chunked):
+            # Chunk i of a prompt: BOS, its tokens, EOS, pad; past the prompt's end, BOS EOS pad... (weight 1)
+            parts = [c for chunks in per_tok for c in chunks + [[]] * (k - len(chunks))]
+            rows = [[tok.bos_token_id, *(t for t, _ in c), tok.eos_token_id] + [tok.pad_token_id] * (n - len(c))
+                    for c in parts]
+            ids.append(torch.tensor(rows, dtype=torch.long).reshape(len(prompts), k, L))
+            weights.append(torch.tensor([[1.0, *(w for _, w in c)] + [1.0] * (n + 1 - len(c)) for c in parts]
+                                        ).reshape(len(prompts), k, L))
+        if not torch.equal(weights[0], weights[-1]):
+            raise ValueError("the two tokenizers split a weighted prompt differently")
+        out = (None, ids[0]) if self.text_encoder is None else (ids[0], ids[1])
+        return (*out, weights[0]) if weighting else out
 
-    def encode_tokens(self, ids: torch.Tensor | None, ids_2: torch.Tensor,
-                      clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context (B, 77k, C1 + C2), pooled (B, P)) from `tokenize`'s ids, in text_encoder_2's dtype/device."""
+    def encode_tokens(self, ids: torch.Tensor | None, ids_2: torch.Tensor, clip_skip: int | None = None,
+                      weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, 77k, C1 + C2), pooled (B, P)) from `tokenize`'s ids, in text_encoder_2's dtype/device.
+        weights (B, k, 77): each token's hidden state times its weight, then each chunk of each encoder times
+        (mean before / mean after) (A1111's emphasis; A1111 takes the means over the batch, here per prompt so that
+        an image does not depend on its batch-mates); the pooled embedding is not weighted, as in A1111."""
         skip = clip_skip or 0
         layers = min(e.config.num_hidden_layers for _, e, _ in self._parts() if e is not None)
         if not 0 <= skip <= layers - 1:
@@ -207,6 +221,11 @@ class DualCLIP(nn.Module):
             out = encoder(tokens.reshape(B * k, L).to(device), output_hidden_states=True)
             # hidden_states = (embeddings, layer 1, ..., layer N); [-2] is layer N-1, before the final LayerNorm.
             hidden = out.hidden_states[-(skip + 2)]
+            if weights is not None:
+                w = weights.reshape(B * k, L, 1).to(hidden.device, hidden.dtype)  # (B, k, L) -> (B*k, L, 1)
+                mean = hidden.mean(dim=(1, 2), keepdim=True)
+                hidden = hidden * w
+                hidden = hidden * (mean / hidden.mean(dim=(1, 2), keepdim=True))
             contexts.append(hidden.reshape(B, k * L, -1))  # (B*k, L, C) -> (B, k*L, C)
             if encoder is self.text_encoder_2:
                 pooled = out.text_embeds.reshape(B, k, -1)[:, 0]  # the first chunk's
@@ -215,13 +234,15 @@ class DualCLIP(nn.Module):
 
     forward = encode_tokens  # so DDP / FSDP wrappers call the same thing
 
-    def encode(self, prompts: list[str], clip_skip: int | None = None,
-               num_chunks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(context (B, 77k, C1 + C2), pooled (B, P)) for a list of prompts; k as in `tokenize`."""
-        return self.encode_tokens(*self.tokenize(prompts, num_chunks), clip_skip=clip_skip)
+    def encode(self, prompts: list[str], clip_skip: int | None = None, num_chunks: int | None = None,
+               weighting: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (B, 77k, C1 + C2), pooled (B, P)) for a list of prompts; k as in `tokenize`. weighting: A1111
+        emphasis and BREAK (sdxl.prompts; off: brackets are literal text)."""
+        ids, ids_2, *weights = self.tokenize(prompts, num_chunks, weighting)
+        return self.encode_tokens(ids, ids_2, clip_skip, *weights)
 
     def encode_pair(self, prompts: list[str], negative_prompts: list[str | None] | str | None = None,
-                    clip_skip: int | None = None, zero_empty: bool = True,
+                    clip_skip: int | None = None, zero_empty: bool = True, weighting: bool = False,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(context, pooled, negative_context, negative_pooled), both sides in one batch with one chunk count. A None
         negative prompt gets zeros (the reference's force_zeros_for_empty_prompt), so does "" unless zero_empty=False
@@ -232,7 +253,7 @@ class DualCLIP(nn.Module):
             raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
         keep = [p is not None and not (zero_empty and p == "") for p in negative_prompts]
         texts = list(prompts) + [p for p, k in zip(negative_prompts, keep) if k]
-        context, pooled = self.encode(texts, clip_skip)  # one chunk count for both sides
+        context, pooled = self.encode(texts, clip_skip, weighting=weighting)  # one chunk count for both sides
         B = len(prompts)
         rows = torch.tensor(keep, device=context.device)
         neg_context = context.new_zeros((B, *context.shape[1:])).index_put((rows,), context[B:])

@@ -21,11 +21,13 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sdxl
 from sdxl import lora
-from sdxl.config import SDXL_BASE
+from sdxl.config import SDXL_BASE, UNetConfig
 from sdxl.model import build_model
+from sdxl.unet import UNet
 from sdxl.weights import CheckpointError
 
 TOL = 1e-4  # max |ours - reference| on outputs of order 1
@@ -288,61 +290,107 @@ def test_merge_unmerge_round_trip_and_several_loras(tiny, tmp_path):
     assert _max_diff(_ours(model, i), base) <= 1e-5
 
 
-def test_bf16_base_with_fp32_adapters():
-    """A bf16 base layer with fp32 adapters: the branch (down, up, scale) must run in fp32 on the bf16 input.
+class _Ops(TorchDispatchMode):
+    """The aten compute ops run inside it (views, which move no data, left out)."""
 
-    Oracle: the branch written out in float64. The values are chosen so that bf16 adapter maths gives a result
-    far off: lora_down = D + 2^-10 E with D = +-1 and |E| <= 1, so casting it to bf16 rounds the 2^-10 E part
-    away (bf16 keeps 8 significant bits), and x lies in the span of u = (1,1,1,1), v = (1,-1,-1,1), which D's
-    rows are orthogonal to. So x @ D^T = 0 exactly, and the whole branch, 2 * up @ (2^-10 E x^T) with up ~ 2^10,
-    is O(1) in fp32 and exactly 0 in bf16. E is in 1/256ths and x in halves, so h = x @ down is exact in fp32
-    (no cancellation error) and has more significant bits than bf16 holds (rounding h alone to bf16 shows too):
-    what is left is fp32 rounding of the up matmul, ~1e-7 relative.
-    """
-    g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(4, 3).to(torch.bfloat16)
-    with torch.no_grad():  # small dyadic values: the base output is exact in bf16
-        lin.weight.copy_(torch.randint(-4, 5, (3, 4), generator=g) / 4)
-        lin.bias.copy_(torch.tensor([0.5, -1.0, 0.25]))
-    adapter = lora.LoRA(lin, rank=2, alpha=4)  # scale 2
-    D = torch.tensor([[1.0, -1, 1, -1], [1, 1, -1, -1]])
-    E = torch.randint(1, 257, (2, 4), generator=g) / 256 * (torch.randint(0, 2, (2, 4), generator=g) * 2 - 1)
-    up = torch.randn(3, 2, generator=g) * 2 ** 10
-    with torch.no_grad():
-        adapter.lora_down.weight.copy_(D + 2 ** -10 * E)
-        adapter.lora_up.weight.copy_(up)
-    assert torch.equal(adapter.lora_down.weight.bfloat16().float(), D)  # what bf16 maths would use
-    net = lora.LoRANetwork({"lora_unet_to_q": lora.Target("unet", "to_q", lin)},
-                           {"lora_unet_to_q": adapter}).attach()
-    ab = torch.randint(-4, 5, (5, 2), generator=g) / 2
-    x = (ab[:, :1] * torch.tensor([1.0, 1, 1, 1]) + ab[:, 1:] * torch.tensor([1.0, -1, -1, 1])).bfloat16()
-    assert torch.equal(x.float() @ D.T, torch.zeros(5, 2))
+    def __enter__(self):
+        self.ops = []
+        return super().__enter__()
 
-    h64 = x.double() @ adapter.lora_down.weight.double().T  # (5, 2), 4e-5 .. 3e-3
-    branch64 = 2.0 * h64 @ up.double().T  # (5, 3), 0.05 .. 7
-    base64 = x.double() @ lin.weight.double().T + lin.bias.double()
-    assert branch64.abs().max() > 0.5  # the branch matters at bf16 resolution
-    # The branch itself (fp32, before the hook casts it): fp32 rounding only, measured 1.4e-7 relative.
-    branch = adapter(x)
-    assert branch.dtype == torch.float32
-    torch.testing.assert_close(branch.double(), branch64, rtol=1e-5, atol=1e-6)
-    # Through the hook: the branch is rounded to bf16, then added to the (exact) bf16 base output in bf16: two
-    # roundings of at most half a bf16 step (2^-8 relative: 8 significant bits) each.
-    y = lin(x)
-    assert y.dtype == torch.bfloat16
-    want = base64 + branch64
-    tol = (branch64.abs() + want.abs()) * 2 ** -8
-    assert ((y.double() - want).abs() <= tol).all(), (y, want)
-    assert (branch64.abs() > 4 * tol).all()  # a bf16 branch (exactly 0) misses every element by more than tol
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten._unsafe_view.default:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
-    # Gradients reach the fp32 adapters as fp32, with the fp32 values: d sum(y) / d up[o, r] = 2 * sum_n h[n, r].
-    y.float().sum().backward()
-    for p in adapter.parameters():
-        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
-    torch.testing.assert_close(adapter.lora_up.weight.grad.double(),
-                               (2.0 * h64.sum(0)).expand(3, 2), rtol=1e-5, atol=1e-9)
-    assert lin.weight.grad is not None  # base freezing is the loop's
-    net.detach()
+
+def _ops(layer, x) -> list[str]:
+    with _Ops() as counted:
+        layer(x)
+    return counted.ops
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_unmerged_lora_costs_three_ops_in_the_activation_dtype(kind):
+    """Per unmerged adapter: the down and up matmuls (convolutions for LoCon) and one add carrying the scale, a
+    Python float refreshed with the multiplier; a bf16 forward on fp32 masters casts each master once per change of
+    it (not per call), gradients still reach the fp32 masters, and a merged LoRA adds no op at all.
+
+    Oracle: the same branch written with fresh casts on every call, `torch.add(y, up(down(x)), alpha=scale)`."""
+    torch.manual_seed(0)
+    base, x = (nn.Linear(8, 6), torch.randn(2, 5, 8)) if kind == "linear" else \
+        (nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 8, 8))
+    compute = ["mm", "mm", "add"] if kind == "linear" else ["convolution", "convolution", "add"]
+    adapter = lora.LoRA(base, rank=3, alpha=1.5)
+    nn.init.normal_(adapter.lora_up.weight)
+    net = lora.LoRANetwork({"lora_unet_x": lora.Target("unet", "x", base)}, {"lora_unet_x": adapter})
+    bare = _ops(base, x)
+    net.attach()
+    assert _ops(base, x)[len(bare):] == compute and _ops(base, x)[:len(bare)] == bare
+
+    def by_hand(layer, x, a):  # the branch of adapter a, with fresh casts of its masters to x's dtype
+        down, up = a.lora_down.weight.to(x.dtype), a.lora_up.weight.to(x.dtype)
+        h = F.linear(x, down) if kind == "linear" else F.conv2d(x, down, stride=2, padding=1)
+        return torch.add(layer(x), F.linear(h, up) if kind == "linear" else F.conv2d(h, up), alpha=a.scale)
+
+    for m in (1.0, -0.4):
+        net.multiplier = m
+        assert isinstance(adapter.scale, float) and adapter.scale == m * 0.5
+        with torch.no_grad():
+            got = base(x)
+            net.detach()
+            want = by_hand(base, x, adapter)
+            net.attach()
+        assert torch.equal(got, want)
+
+    # bf16 activations on a bf16 base, fp32 masters: one cast per master, then 3 ops per call.
+    base.to(torch.bfloat16)
+    xb = x.bfloat16()
+    casts = lambda ops: (ops.count("_to_copy"), [o for o in ops[len(bare):] if o != "_to_copy"])  # noqa: E731
+    assert casts(_ops(base, xb)) == (2, compute) and casts(_ops(base, xb)) == (0, compute)
+    # Training, two micro-steps per optimizer step: the fp32 masters get the gradients of the bf16 maths.
+    ref = copy.deepcopy(adapter)
+    for step in range(2):
+        for micro in range(2):
+            base(xb).float().square().sum().backward()
+        net.detach()
+        for micro in range(2):
+            by_hand(base, xb, ref).float().square().sum().backward()
+        net.attach()
+        assert base(xb).dtype == torch.bfloat16
+        for p, q in zip(adapter.parameters(), ref.parameters()):
+            assert p.dtype == p.grad.dtype == torch.float32 and p.grad.abs().max() > 0
+            assert torch.equal(p.grad, q.grad)
+        with torch.no_grad():  # the optimizer's in-place step
+            for p in [*adapter.parameters(), *ref.parameters()]:
+                p.sub_(1e-3 * p.grad)
+                p.grad = None
+        assert casts(_ops(base, xb)) == (2, compute)  # new masters: cast once again
+    # Merged: the base layer's ops only.
+    net.merge()
+    assert _ops(base, xb) == bare
+
+
+def test_unet_with_lora_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) of a whole UNet (two levels, to keep tracing short) with LoRA and LoCon
+    attached: no graph break, and the compiled output is the eager one."""
+    torch.manual_seed(0)
+    cfg = UNetConfig(block_out_channels=(32, 64), layers_per_block=1, transformer_depth=(0, 1), mid_transformer_depth=1,
+                     num_attention_heads=(1, 2), cross_attention_dim=64, pooled_dim=32, addition_time_embed_dim=8)
+    unet = UNet(cfg).eval()
+    i = _inputs(11)
+    args = (i["x"], i["t"], i["ctx"], i["pooled"], i["ids"])
+    net = lora.inject(unet, "attention+conv", rank=2)
+    _randomise(net)
+    assert {type(t.module) for t in net.targets.values()} == {nn.Linear, nn.Conv2d}
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            out = torch.compile(unet, fullgraph=True, backend="eager")(*args)
+            torch.testing.assert_close(out, unet(*args), rtol=1e-5, atol=1e-5)
+            net.detach()
+            assert (out - unet(*args)).abs().max() > 1e-2  # the adapters were in the compiled graph
+    finally:
+        torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------- LoCon and LoHa by hand
@@ -622,13 +670,14 @@ def test_foreign_loras_are_refused_with_one_line_and_nothing_applied(tiny, tmp_p
     with pytest.raises(ValueError, match=r"lora_down.weight has shape \(4, 768\).*needs \(4, 64\)"):
         lora.load_lora(model, tmp_path / "shape.safetensors")
 
-    # Tensor kinds we do not implement (DoRA scale, Tucker mid) are refused, not skipped.
-    for extra in ("dora_scale", "lora_mid.weight"):
-        sd = {f"{name}.lora_down.weight": torch.zeros(r, 64), f"{name}.lora_up.weight": torch.zeros(64, r),
-              f"{name}.{extra}": torch.zeros(1)}
-        save_file(sd, str(tmp_path / "x.safetensors"))
-        with pytest.raises(ValueError, match=f"unsupported LoRA tensor '{name}.{extra}'"):
-            lora.load_lora(model, tmp_path / "x.safetensors")
+    # Tensor kinds we do not implement (Tucker mid) are refused, not skipped; a DoRA scale of neither layout too.
+    lora_sd = {f"{name}.lora_down.weight": torch.zeros(r, 64), f"{name}.lora_up.weight": torch.zeros(64, r)}
+    save_file({**lora_sd, f"{name}.lora_mid.weight": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match=f"unsupported LoRA tensor '{name}.lora_mid.weight'"):
+        lora.load_lora(model, tmp_path / "x.safetensors")
+    save_file({**lora_sd, f"{name}.dora_scale": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ValueError, match=rf"{name}.dora_scale has shape \(1,\), .* needs \(64, 1\)"):
+        lora.load_lora(model, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="missing file"):
         lora.load_lora(model, tmp_path / "nope.safetensors")
     after = _weights(model)

@@ -34,6 +34,9 @@ class TrainConfig:
     dataset_config: str | None = _f(None, "kohya-style dataset TOML: subsets with their own folder or metadata file, "
                                     "repeats, captions, flips, mask and conditioning folders")
     reg_data_dir: str | None = _f(None, "regularisation images (DreamBooth): N_name folders, balanced as kohya does")
+    mask_dir: str | None = _f(None, "--masked_loss: a mask per image, same relative path and stem, any image format "
+                              "(white learns, black is ignored, grey weights between)")
+    conditioning_dir: str | None = _f(None, "--controlnet: a conditioning image per image, same relative path and stem")
     output_dir: str = _f("out/train", "where checkpoints, samples, metrics and the final weights go")
     image_size: int = _f(1024, "training resolution: buckets hold about image_size^2 pixels")
     bucket_step: int = _f(64, "bucket side granularity in pixels")
@@ -57,13 +60,22 @@ class TrainConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha (scale alpha / rank)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch input")
     lora_target_mode: str = _f("attention", "attention | attention_out | all | conv, combined with + ")
-    lora_kind: str = _f("lora", "lora (LoRA/LoCon) or loha", choices=["lora", "loha"])
+    lora_kind: str = _f("lora", "lora (LoRA/LoCon), dora (DoRA), loha or lokr (LyCORIS)",
+                        choices=["lora", "dora", "loha", "lokr"])
+    lora_block_ranks: str | None = _f(None, "per-block rank[:alpha] by diffusers name prefix, e.g. "
+                                      "'down_blocks.1=8,mid_block=0,up_blocks.0=16:8' (longest prefix wins; 0: none)")
     lora_text_encoder: bool = _f(False, "also put LoRA adapters on both text encoders")
     lora_format: str = _f("kohya", "final LoRA file layout", choices=["kohya", "peft"])
     train_text_encoder: bool = _f(False, "full fine-tune: also train both text encoders")
     unet_train_blocks: str = _f("all", "full fine-tune: all UNet parameters, or only the up blocks",
                                 choices=["all", "up"])
+    controlnet: bool = _f(False, "train a ControlNet on the frozen UNet (writes <output_dir>/controlnet/)")
+    controlnet_model: str | None = _f(None, "--controlnet: start from this ControlNet (folder or file) instead of a "
+                                      "copy of the UNet's encoder")
     # objective
+    masked_loss: bool = _f(False, "weight the loss by each image's mask (--mask_dir, or mask_dir in "
+                           "--dataset_config), normalised per sample")
+    alpha_mask: bool = _f(False, "weight the loss by each image's own alpha channel (a masked loss)")
     prediction_type: str | None = _f(None, "epsilon | v_prediction | sample (default: the model's)",
                                      choices=["epsilon", "v_prediction", "sample"])
     loss_type: str = _f("native", "native: MSE in the model's parameterisation; velocity: MSE on v",
@@ -100,6 +112,9 @@ class TrainConfig:
     vae_precision: str | None = _f(None, "VAE dtype (default: fp32 for a VAE that overflows in fp16)",
                                    choices=["bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    compile: str | None = _f(None, "torch.compile the UNet (after LoRA is attached): unet = one graph, blocks = "
+                             "each transformer / ResNet block (faster to compile; DDP overlaps between blocks)",
+                             choices=["unet", "blocks"])
     fsdp: bool = _f(False, "shard a full fine-tune over the GPUs with FSDP2, one shard unit per UNet block")
     # EMA
     ema_decay: float | None = _f(None, "keep an EMA of the trained weights with this decay (e.g. 0.9999)")
@@ -122,6 +137,7 @@ class TrainConfig:
     wandb: bool = _f(False, "log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = _f("sdxl-mini", "wandb project")
     wandb_run_name: str | None = _f(None, "wandb run name")
+    tensorboard: bool = _f(False, "also log to TensorBoard event files in <output_dir>/tensorboard (no account)")
     # pixel space: the pixel family (sdxl/pixel.py) and its three-stage recipe
     base_resolution: int = _f(64, "pixel model: body entry resolution at 1024 px, 64 (patch 16) or 32 (patch 32)",
                               choices=[64, 32])
@@ -195,6 +211,12 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise ConfigError(f"--{set_lora[0]} given without --use_lora")
     if cfg.use_lora and cfg.train_text_encoder:
         raise ConfigError("--train_text_encoder is a full fine-tune flag; with --use_lora use --lora_text_encoder")
+    if cfg.lora_block_ranks:  # its form here; the block names when the model is there
+        from sdxl.lora import block_values
+        try:
+            block_values(cfg.lora_block_ranks, cfg.lora_rank, cfg.lora_alpha)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.use_lora and cfg.unet_train_blocks != "all":
         raise ConfigError("--unet_train_blocks applies to full fine-tunes, not --use_lora")
     if cfg.use_lora and cfg.fsdp:
@@ -212,7 +234,8 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
     if cfg.reg_data_dir and cfg.train_shards:
         raise ConfigError("--reg_data_dir balances against a folder's images: it cannot be used with --train_shards")
     if cfg.demo and {"data_dir", "metadata_files", "train_shards", "dataset_config", "reg_data_dir",
-                     "teacher_checkpoint", "pretrained_model"} & given:
+                     "teacher_checkpoint", "pretrained_model", "mask_dir", "masked_loss", "alpha_mask",
+                     "conditioning_dir"} & given:
         raise ConfigError("--demo trains the pixel-demo preset from scratch on its own data: drop the model and "
                           "data flags")
     if cfg.use_lora and (cfg.teacher_checkpoint or cfg.lr_sdxl_unet_body is not None):
@@ -241,6 +264,9 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise ConfigError("--sample_every needs --sample_prompts")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--wandb needs the wandb package: pip install wandb")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    validate_masks_and_controlnet(cfg, given)
     cfg.timestep_bounds  # noqa: B018 - raises on a malformed range
     from sdxl.model import model_class
     family = model_class(cfg.pretrained_model, cfg.model_type)
@@ -248,3 +274,39 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
     if unused:
         name, why = next(iter(unused.items()))
         raise ConfigError(f"--{name} does not apply to a {family.family} model ({why})")
+
+
+def validate_masks_and_controlnet(cfg: TrainConfig, given: set[str]) -> None:
+    """--masked_loss / --alpha_mask and --controlnet: where their files come from, and what they exclude."""
+    if cfg.mask_dir and not cfg.masked_loss:
+        raise ConfigError("--mask_dir given without --masked_loss")
+    if cfg.masked_loss and not (cfg.mask_dir or cfg.dataset_config or cfg.alpha_mask):
+        raise ConfigError("--masked_loss needs --mask_dir (or mask_dir in --dataset_config, or --alpha_mask)")
+    if cfg.alpha_mask and cfg.mask_dir:
+        raise ConfigError("--alpha_mask reads each mask from its image: drop --mask_dir")
+    if cfg.dataset_config and (cfg.mask_dir or cfg.conditioning_dir):
+        raise ConfigError("--dataset_config gives mask_dir and conditioning_data_dir per subset: drop --mask_dir "
+                          "and --conditioning_dir")
+    if cfg.train_shards and (cfg.masked_loss or cfg.alpha_mask or cfg.controlnet):
+        raise ConfigError("--masked_loss, --alpha_mask and --controlnet read files beside each image: they need a "
+                          "folder or metadata source, not --train_shards")
+    for name in ("controlnet_model", "conditioning_dir"):
+        if name in given and not cfg.controlnet:
+            raise ConfigError(f"--{name} given without --controlnet")
+    if not cfg.controlnet:
+        return
+    clash = [f for f in ("use_lora", "train_text_encoder", "fsdp", "sample_every", "reg_data_dir") if getattr(cfg, f)]
+    if clash:
+        raise ConfigError(f"--controlnet trains the ControlNet alone on image / conditioning pairs (the UNet frozen): "
+                          f"drop --{clash[0]}")
+    if cfg.dataset_config:
+        from training.data import DatasetError, load_dataset_config
+        try:
+            bare = [s for s in load_dataset_config(cfg.dataset_config) if not s.conditioning_data_dir]
+        except DatasetError as e:
+            raise ConfigError(str(e)) from None
+        if bare:
+            raise ConfigError(f"{cfg.dataset_config}: --controlnet needs conditioning_data_dir in every subset "
+                              f"({bare[0].name} has none)")
+    elif not cfg.conditioning_dir:
+        raise ConfigError("--controlnet needs --conditioning_dir (or conditioning_data_dir in --dataset_config)")

@@ -8,7 +8,8 @@ Sources and their captions (tar shards only through `open_stream`, the others th
 Folders and metadata give a map-style `BucketDataset` (for BucketBatchSampler and `collate`; `set_epoch` each
 epoch), tar shards a `ShardStream`. Items are dicts: `pixels` (3, H, W) in [-1, 1] (or cached `latents`), `caption`,
 `original_size` (h, w), `crop_top_left` (top, left) in the resized image, `target_size` (h, w) = the bucket
-(training/buckets.py), `index`; `collate` adds `time_ids` (B, 6), SDXL's micro-conditioning. Crops, flips and
+(training/buckets.py), `index`, and when asked a loss `mask` and a ControlNet `conditioning` image, cropped and
+flipped as their image (BucketDataset); `collate` adds `time_ids` (B, 6), SDXL's micro-conditioning. Crops, flips and
 caption shuffles are seeded per (seed, epoch, sample): the same with any number of workers and after a resume.
 
 Bad data never stops a run: each bad file (an unreadable image, a sample without one, a bad caption) gives one
@@ -107,9 +108,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img).astype(np.float32)
         scale = 257.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0  # 16-bit -> 8-bit: 65535 / 257 = 255
         img = Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+    if has_alpha(img):
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img if img.mode == "RGB" else img.convert("RGB")  # also L, 1, P, CMYK, YCbCr
+
+
+def has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
 
 def displayed_size(img: Image.Image) -> tuple[int, int, int]:
@@ -134,6 +139,23 @@ def load_image(source: str | os.PathLike | io.BytesIO,
         img.load()  # decode now: a truncated file raises here, not later in a worker
         img = ImageOps.exif_transpose(img)  # also finds EXIF that displayed_size skipped (PNG)
     return to_rgb(img), (h, w) if drafted else (img.height, img.width)
+
+
+def load_companion(path: str, kind: str, bucket: Bucket, original_size: tuple[int, int],
+                   rng: random.Random | None, flip: bool) -> torch.Tensor:
+    """An image's mask (1, H, W) or conditioning image (3, H, W) in [0, 1], resized, cropped and flipped as the image
+    of `original_size` (w, h) was: the same geometry and crop draws (`rng` in the state the image's crop began
+    from). kind: "mask" (a mask file's luminance), "alpha" (`path` is the image: its alpha channel), "conditioning"."""
+    if kind == "alpha":
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img).convert("RGBA").getchannel("A")
+    else:
+        img = load_image(path, cover=bucket)[0]
+        img = img.convert("L") if kind == "mask" else img
+    out, _ = resize_and_crop(img, bucket, rng, flip=flip, original_size=original_size)
+    x = torch.from_numpy(np.array(out, dtype=np.uint8)).float().div_(255)  # (H, W) or (H, W, 3)
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
 
 
 def probe_image(source: str | io.BytesIO, stats: DataStats, name: str | None = None) -> tuple[int, int] | None:
@@ -360,10 +382,36 @@ def _companions(records: list[ImageRecord], folder: str, root: str, what: str, s
     if what == "conditioning" and len(missing) * 2 > len(records):
         raise DatasetError(f"{folder}: conditioning images for only {len(records) - len(missing)} of {len(records)} "
                            f"images under {root} (same relative path and stem, any image format)")
+    for r, c in zip(records, out):
+        if c is not None:
+            _check_aspect(c, r, what)
     for m in missing:
         stats.bad(f"missing_{what}", f"{m}: no {what} image in {folder}" + (", trained with weight 1" if
                                                                               what == "mask" else ", skipped"))
     return out
+
+
+def _check_aspect(path: str, record: ImageRecord, what: str) -> None:
+    """DatasetError unless the file at `path` can be resized to its image's size and cropped like it: the same
+    aspect ratio, up to one pixel at the lower of the two resolutions."""
+    try:
+        with Image.open(path) as img:
+            mw, mh, _ = displayed_size(img)
+    except IMAGE_ERRORS as e:
+        raise DatasetError(f"{path}: unreadable {what} image ({type(e).__name__}: {e})") from None
+    w, h = record.width, record.height
+    if abs(mh * w - h * mw) > max(w, mw):  # |mh * w / mw - h| > max(w / mw, 1): a pixel of the lower resolution
+        raise DatasetError(f"{path}: {what} image of {mw}x{mh} cannot be cropped like its image {record.path} "
+                           f"({w}x{h}): another aspect ratio")
+
+
+def _alpha_mask(record: ImageRecord, stats: DataStats) -> ImageRecord:
+    """The record with its own file as its mask (the alpha channel), or as it is (weight 1, warned) without one."""
+    with Image.open(record.path) as img:
+        if has_alpha(img):
+            return dataclasses.replace(record, mask=record.path)
+    stats.bad("missing_mask", f"{record.path}: no alpha channel (--alpha_mask), trained with weight 1")
+    return record
 
 
 def subset_records(subset: Subset, index: int, stats: DataStats) -> list[ImageRecord]:
@@ -462,14 +510,30 @@ class _Source:
                 "original_size": (h, w), "crop_top_left": crop, "target_size": tuple(bucket), "index": index}
 
 
+def _replay(state: tuple | None) -> random.Random | None:
+    """A generator in a saved state (None: none, a center crop)."""
+    if state is None:
+        return None
+    rng = random.Random()
+    rng.setstate(state)
+    return rng
+
+
 class BucketDataset(_Source, Dataset):
     """Map-style dataset over ImageRecords, each in its aspect bucket; options as _Source's. `subsets` (default one
     plain subset) give each record's repeats and caption / flip rules: an image repeated N times is N items, each
-    with its own crop, flip and caption draws, so samplers, DDP slicing and resume see items and need nothing else."""
+    with its own crop, flip and caption draws, so samplers, DDP slicing and resume see items and need nothing else.
+    with_masks: items carry `mask` (1, H, W) in [0, 1], cropped and flipped as the image (ones for an image without
+    one; from a latent cache, on the latent grid); with_conditioning: items carry the ControlNet `conditioning`
+    image (3, H, W) in [0, 1], cropped and flipped as the image, never cached."""
 
     def __init__(self, records: Sequence[ImageRecord], *, subsets: Sequence[Subset] | None = None,
-                 latent_cache=None, text_cache=None, source: str = "dataset", **options):
+                 latent_cache=None, text_cache=None, source: str = "dataset", with_masks: bool = False,
+                 with_conditioning: bool = False, **options):
         super().__init__(**options)
+        self.with_masks, self.with_conditioning = with_masks, with_conditioning
+        if with_conditioning and (bare := next((r for r in records if not r.conditioning), None)):
+            raise DatasetError(f"{bare.path}: no conditioning image (its subset has no conditioning folder)")
         self.subsets = list(subsets or [Subset()])
         records = [r for r in records if self.large_enough(r.path, r.width, r.height)]
         self.stats.images = len(records)
@@ -484,6 +548,8 @@ class BucketDataset(_Source, Dataset):
             raise DatasetError("random_crop cannot be used with cached latents (the crop is fixed when caching)")
         if latent_cache is not None and any(self.flips) and not latent_cache.flip_aug:
             raise DatasetError("flip_aug needs a LatentCache built with flip_aug=True (it caches the mirror too)")
+        if latent_cache is not None and with_masks and not latent_cache.masks:
+            raise DatasetError("masks need a LatentCache built with masks=True (they enter its keys and entries)")
         if text_cache is not None and any(c.is_random for c in self.captions):
             raise DatasetError("caption shuffling / dropout makes captions differ every step: "
                                "their embeddings cannot be cached, encode them in the loop")
@@ -515,16 +581,35 @@ class BucketDataset(_Source, Dataset):
     def caption(self, i: int, rng: random.Random) -> str:
         return process_caption(self.records[i].caption, self.captions[self.records[i].subset], rng)
 
+    def mask(self, i: int, rng: random.Random | None, flip: bool, original_size: tuple[int, int]) -> torch.Tensor:
+        """Item i's mask (1, H, W) in [0, 1] for an image of `original_size` (h, w): see load_companion."""
+        rec, bucket = self.records[i], self.bucket(i)
+        if rec.mask is None:  # weight 1 (warned once, when the dataset was read)
+            return torch.ones(1, *bucket)
+        return load_companion(rec.mask, "alpha" if rec.mask == rec.path else "mask", bucket, original_size[::-1],
+                              rng, flip)
+
     def _load(self, i: int, flip: bool, rng: random.Random) -> dict:
         rec, bucket = self.records[i], self.bucket(i)
+        # A center crop, or the image's random crop draws replayed (from this state) for its mask and conditioning.
+        crops = rng.getstate() if self.random_crop and self.latent_cache is None else None
         if self.latent_cache is None:
-            return self.make_item(rec.path, bucket, rec.caption, i, rng, flip, self.captions[rec.subset])
-        entry = self.latent_cache.load(rec, bucket)  # FileNotFoundError (an OSError) when not cached
-        suffix = "_flipped" if flip else ""
-        return {"latents": entry["latents" + suffix], "caption": self.caption(i, rng),
-                "original_size": tuple(entry["original_size"].tolist()),
-                "crop_top_left": tuple(entry["crop_top_left" + suffix].tolist()), "target_size": tuple(bucket),
-                "index": i}
+            item = self.make_item(rec.path, bucket, rec.caption, i, rng, flip, self.captions[rec.subset])
+            if self.with_masks:
+                item["mask"] = self.mask(i, _replay(crops), flip, item["original_size"])
+        else:
+            entry = self.latent_cache.load(rec, bucket)  # FileNotFoundError (an OSError) when not cached
+            suffix = "_flipped" if flip else ""
+            item = {"latents": entry["latents" + suffix], "caption": self.caption(i, rng),
+                    "original_size": tuple(entry["original_size"].tolist()),
+                    "crop_top_left": tuple(entry["crop_top_left" + suffix].tolist()), "target_size": tuple(bucket),
+                    "index": i}
+            if self.with_masks:  # cached on the latent grid (an image without a mask has none: weight 1)
+                item["mask"] = entry.get("mask" + suffix, torch.ones(1, *item["latents"].shape[-2:]))
+        if self.with_conditioning:
+            item["conditioning"] = load_companion(rec.conditioning, "conditioning", bucket,
+                                                  item["original_size"][::-1], _replay(crops), flip)
+        return item
 
     def __getitem__(self, i: int) -> dict:
         rng = random.Random(f"item:{self.seed}:{self.epoch}:{i}")
@@ -738,10 +823,12 @@ class ShardStream(_Source):
 def open_dataset(data_dir: str | os.PathLike | None = None,
                  metadata_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
                  dataset_config: str | os.PathLike | None = None, reg_data_dir: str | os.PathLike | None = None,
-                 mask_dir: str | None = None, conditioning_dir: str | None = None, **options) -> BucketDataset:
+                 mask_dir: str | None = None, conditioning_dir: str | None = None, alpha_mask: bool = False,
+                 **options) -> BucketDataset:
     """A BucketDataset of a kohya dataset TOML, else of the metadata files (image paths relative to them, then to
     data_dir), else of the folder data_dir (`N_name` folders in it: N repeats each), plus the regularisation
-    folder's; mask and conditioning folders mirror data_dir; options as BucketDataset's. Tar shards: open_stream."""
+    folder's; mask and conditioning folders mirror data_dir; alpha_mask: an image of a subset without a mask folder
+    is its own mask (its alpha channel); options as BucketDataset's. Tar shards: open_stream."""
     stats = options.setdefault("stats", DataStats())
     if dataset_config:
         subsets = load_dataset_config(dataset_config)
@@ -758,6 +845,8 @@ def open_dataset(data_dir: str | os.PathLike | None = None,
         subsets = folder_subsets(data_dir, False, mask_dir, conditioning_dir)
     subsets += folder_subsets(reg_data_dir, True) if reg_data_dir else []
     records = [r for k, subset in enumerate(subsets) for r in subset_records(subset, k, stats)]
+    if alpha_mask:
+        records = [r if subsets[r.subset].mask_dir else _alpha_mask(r, stats) for r in records]
     if not records and data_dir and os.path.isdir(data_dir) and any(Path(data_dir).rglob("*.tar")):
         raise DatasetError(f"{data_dir}: no images but .tar files: pass tar shards as --train_shards")
     return BucketDataset(records, subsets=subsets, source=", ".join(s.name for s in subsets), **options)

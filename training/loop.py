@@ -10,6 +10,7 @@ so resumed, N-process and 1-process runs with the same global batch see the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import math
@@ -35,19 +36,28 @@ OBJECTIVE_OPTIONS = ("prediction_type", "loss_type", "min_snr_gamma", "noise_off
 
 
 class Trainee(nn.Module):
-    """What DDP wraps: the network, the text encoders when they train, and the LoRA network (whose adapters live
-    outside the network's module tree), so every trained parameter belongs to the module whose forward runs.
-    forward returns the objective's per-sample loss."""
+    """What DDP wraps: the network, the text encoders when they train, the LoRA network (whose adapters live
+    outside the network's module tree) and the ControlNet that steers the frozen network, so every trained parameter
+    belongs to the module whose forward runs. forward returns the objective's per-sample loss, weighted by `mask`
+    (B, 1, H, W) when given; `control`: the ControlNet's conditioning images (B, 3, H, W) in [0, 1]."""
 
-    def __init__(self, unet: nn.Module, text: nn.Module | None, network: nn.Module | None):
+    def __init__(self, unet: nn.Module, text: nn.Module | None, network: nn.Module | None,
+                 controlnet: nn.Module | None = None):
         super().__init__()
-        self.unet, self.text, self.network = unet, text, network
+        self.unet, self.text, self.network, self.controlnet = unet, text, network, controlnet
 
-    def forward(self, objective, x0, generators, time_ids, keep, context=None, pooled=None, tokens=None):
+    def forward(self, objective, x0, generators, time_ids, keep, context=None, pooled=None, tokens=None, mask=None,
+                control=None):
         if tokens is not None:  # text encoders train: encode inside the wrapped forward
             context, pooled = self.text.encode_tokens(*tokens)
         cond = (context * keep[:, None, None], pooled * keep[:, None], time_ids)
-        return objective.loss(self.unet, x0, cond, generators)
+        net = self.unet if self.controlnet is None else functools.partial(self.steered, control)
+        return objective.loss(net, x0, cond, generators, weight=mask)
+
+    def steered(self, control: torch.Tensor, x: torch.Tensor, t, *cond) -> torch.Tensor:
+        """The network with the ControlNet's residuals added to its skips and mid block."""
+        down, mid = self.controlnet(x, t, *cond, control)
+        return self.unet(x, t, *cond, down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
 
 @dataclass
@@ -175,15 +185,27 @@ def load_for_training(cfg: TrainConfig, device, wdtype):
 
 
 def what_trains(cfg: TrainConfig, model, teacher, device, master: torch.dtype):
-    """(Trainee, LoRA network or None, optimizer param groups): LoRA adapters, or the bundle's own groups (the
-    whole UNet, its up blocks, or a stage of the pixel recipe) plus the text encoders when they train."""
+    """(Trainee, LoRA network or ControlNet or None, optimizer param groups): LoRA adapters, a ControlNet (the
+    UNet frozen), or the bundle's own groups (the whole UNet, its up blocks, or a stage of the pixel recipe) plus
+    the text encoders when they train."""
     text_trains = cfg.train_text_encoder or cfg.lora_text_encoder
     frozen, network = unused_text_layers(model.text), None
+    if cfg.controlnet:
+        network = controlnet_to_train(cfg, model, device, master)
+        param_groups = [{"name": "controlnet", "params": list(network.parameters()), "lr": cfg.learning_rate}]
+        if cfg.gradient_checkpointing:
+            model.unet.set_gradient_checkpointing(True)
+            network.set_gradient_checkpointing(True)
+        return Trainee(model.unet, None, None, network).train(), network, param_groups
     lr1 = cfg.lr_text_encoder1 or cfg.learning_rate
     lrs = {"lora_unet_": cfg.learning_rate, "lora_te1_": lr1, "lora_te2_": cfg.lr_text_encoder2 or lr1}  # kohya names
     if cfg.use_lora:
-        network = lora.inject(model, cfg.lora_target_mode, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                              kind=cfg.lora_kind, text_encoders=cfg.lora_text_encoder).to(device)
+        rank, alpha = lora.block_values(cfg.lora_block_ranks, cfg.lora_rank, cfg.lora_alpha)
+        try:  # a block name the model lacks, a LoKr factor that does not divide: the flags' fault
+            network = lora.inject(model, cfg.lora_target_mode, rank, alpha, cfg.lora_dropout,
+                                  kind=cfg.lora_kind, text_encoders=cfg.lora_text_encoder).to(device)
+        except ValueError as e:
+            raise ConfigError(f"--lora_block_ranks / --lora_kind: {e}") from None
         groups = {lr: [] for lr in lrs.values()}
         for name, adapter in network.named_children():
             target = network.targets[name]
@@ -210,6 +232,18 @@ def what_trains(cfg: TrainConfig, model, teacher, device, master: torch.dtype):
             if enc is not None:
                 getattr(enc, "text_model", enc).gradient_checkpointing_enable()
     return Trainee(model.unet, model.text if text_trains else None, network).train(), network, param_groups
+
+
+def controlnet_to_train(cfg: TrainConfig, model, device, master: torch.dtype) -> nn.Module:
+    """--controlnet_model, or a copy of the UNet's encoder with zero convolutions at zero; checked against the
+    UNet, in the trained weights' dtype."""
+    from sdxl.controlnet import ControlNet, load_controlnet
+    if cfg.controlnet_model:
+        net = load_controlnet(cfg.controlnet_model, device, master, unet_config=model.unet.config)
+        net.check_unet(model.unet, cfg.controlnet_model)
+    else:
+        net = ControlNet.from_unet(model.unet).to(device, master)
+    return net.requires_grad_(True)
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
@@ -297,9 +331,11 @@ def open_source(cfg: TrainConfig, model, d, out: Path, autocast):
     from training.data import DataStats, collate, load_dataset_config, open_dataset
     stats, cache_dir = DataStats(), Path(cfg.cache_dir or out / "cache")
     subsets = load_dataset_config(cfg.dataset_config) if cfg.dataset_config else []  # may flip or shuffle their own
+    masked = cfg.masked_loss or cfg.alpha_mask
     latent_cache = cache_mod.LatentCache(cache_dir, fingerprint(model.unet if model.autoencoder is None else
                                                                 model.autoencoder),
-                                         cfg.flip_aug or any(s.flip_aug for s in subsets)) if cfg.cache_latents else None
+                                         cfg.flip_aug or any(s.flip_aug for s in subsets),
+                                         masks=masked) if cfg.cache_latents else None
     random_captions = cfg.shuffle_tags or cfg.tag_dropout > 0 or cfg.caption_dropout > 0 or \
         any(s.shuffle_caption for s in subsets)
     if cfg.cache_text_embeddings and random_captions and d.is_main:
@@ -309,7 +345,9 @@ def open_source(cfg: TrainConfig, model, d, out: Path, autocast):
         if cfg.cache_text_embeddings and not random_captions else None
     ds = open_dataset(cfg.data_dir, cfg.metadata_files, dataset_config=cfg.dataset_config,
                       reg_data_dir=cfg.reg_data_dir, seed=cfg.seed, stats=stats, latent_cache=latent_cache,
-                      text_cache=text_cache, **data_options(cfg))
+                      text_cache=text_cache, mask_dir=cfg.mask_dir, conditioning_dir=cfg.conditioning_dir,
+                      alpha_mask=cfg.alpha_mask, with_masks=masked, with_conditioning=cfg.controlnet,
+                      **data_options(cfg))
     with torch.no_grad(), autocast():
         if latent_cache is not None:
             latent_cache.build(ds, model.encode, rank=d.rank, world_size=d.world_size, progress=d.is_main)
@@ -350,8 +388,9 @@ def fingerprint(module: nn.Module) -> str:
 # ---- the training step --------------------------------------------------------------------------------------
 
 def batch_inputs(batch: dict, model, text_trains: bool, device, autocast) -> dict:
-    """The Trainee's inputs for a batch: x0 in model space (cached latents, or encoded now), and the text
-    conditioning (cached, encoded now by the frozen encoders, or token ids for encoders that train)."""
+    """The Trainee's inputs for a batch: x0 in model space (cached latents, or encoded now), the text
+    conditioning (cached, encoded now by the frozen encoders, or token ids for encoders that train), and the loss
+    masks and ControlNet conditioning images when the batch has them."""
     def put(t: torch.Tensor) -> torch.Tensor:  # from pinned memory (the loader pins on CUDA): no sync
         return t.to(device, non_blocking=True)
 
@@ -364,6 +403,7 @@ def batch_inputs(batch: dict, model, text_trains: bool, device, autocast) -> dic
             kw["context"], kw["pooled"] = (x.float() for x in model.text.encode(batch["caption"]))
     if text_trains and "context" not in batch:
         kw["tokens"] = model.text.tokenize(batch["caption"])
+    kw.update({name: put(batch[key]) for key, name in (("mask", "mask"), ("conditioning", "control")) if key in batch})
     return kw
 
 
@@ -401,6 +441,8 @@ def main(cfg: TrainConfig) -> int:
         (lambda: torch.autocast(device.type, enabled=False))
     model, teacher = load_for_training(cfg, device, wdtype)
     trainee, network, groups = what_trains(cfg, model, teacher, device, wdtype if cfg.full_bf16 else torch.float32)
+    if cfg.compile:  # after LoRA is attached, before DDP / FSDP wrap it
+        sdxl.unet.compile_unet(model.unet, cfg.compile)
     fsdp = cfg.fsdp and d.enabled  # FSDP2 replaces parameters: the optimizer is built after it
     wrapped, groups = distributed.wrap(trainee, d, groups, fsdp, model.unet)
     optimizer = build_optimizer(cfg, groups, device)
@@ -418,9 +460,9 @@ def main(cfg: TrainConfig) -> int:
     if d.is_main:  # every input checked: the run's folder starts here
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
-        describe(run, ds, stats, network, total_steps, step)
+        plan = describe(run, ds, stats, network, total_steps, step)
     logger = Logger(str(out), total_steps, step, d.is_main, vars(cfg), cfg.wandb, cfg.wandb_project,
-                    cfg.wandb_run_name)
+                    cfg.wandb_run_name, cfg.tensorboard, plan if d.is_main else "")
     exit_code = loop(run, logger, step, total_steps)
     logger.close()
     if exit_code == 0:
@@ -542,6 +584,7 @@ def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
             if exit_code or (cfg.save_interval_steps and step % cfg.save_interval_steps == 0) or (
                     end_of_epoch and cfg.save_interval and run.source.epoch % cfg.save_interval == 0):
                 save(run, step)
+                logger.plot_curves()
             if exit_code:
                 break
     finally:
@@ -634,8 +677,8 @@ def resume(run: Run) -> int:
     return st["step"]
 
 
-def describe(run: Run, ds, stats, network, total_steps: int, step: int) -> None:
-    """The data summary, the run plan and the memory plan, before the first step."""
+def describe(run: Run, ds, stats, network, total_steps: int, step: int) -> str:
+    """Print the data summary, the run plan and the memory plan (returned) before the first step."""
     cfg, model, trainable = run.cfg, run.model, [p for _, p in run.named_trainable]
     if ds is not None:
         print(f"{stats}\n{ds.bucket_table()}")
@@ -648,7 +691,9 @@ def describe(run: Run, ds, stats, network, total_steps: int, step: int) -> None:
           f"parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trained); batches of {cfg.batch_size} x "
           f"{run.d.world_size} device(s), accumulation {cfg.gradient_accumulation_steps}: {total_steps} steps in all "
           f"(starting at {step})")
-    print(memory_plan(cfg, model, trainable, network, largest))
+    plan = memory_plan(cfg, model, trainable, network, largest)
+    print(plan)
+    return plan
 
 
 def sample_images(cfg: TrainConfig, model, ema, out: Path, step: int, logger: Logger, d, autocast) -> None:
@@ -671,19 +716,22 @@ def sample_images(cfg: TrainConfig, model, ema, out: Path, step: int, logger: Lo
 
 
 def save_final(cfg: TrainConfig, model, network, ema, out: Path, d) -> None:
-    """lora_final.safetensors (kohya keys, or PEFT) or final/ (the model's folder layout) + final.safetensors;
-    the EMA's beside them."""
+    """lora_final.safetensors (kohya keys, or PEFT), controlnet/ (diffusers' ControlNetModel layout) or final/ (the
+    model's folder layout) + final.safetensors; the EMA's beside them."""
     if not d.is_main:
         return
     meta = {"training_config": cfg.to_json(), "resolution": f"{cfg.image_size},{cfg.image_size}"}
     model.eval()
     for suffix, weights in [("", contextlib.nullcontext)] + ([("_ema", ema.applied)] if ema is not None else []):
         with weights():
-            if network is not None:
+            if cfg.controlnet:
+                network.save_pretrained(out / f"controlnet{suffix}")
+            elif network is not None:
                 lora.save_lora(out / f"lora_final{suffix}.safetensors", network, format=cfg.lora_format,
                                metadata=meta)
             else:
                 model.save_pretrained(out / f"final{suffix}")
                 if cfg.save_single_file:
                     model.save_single_file(out / f"final{suffix}.safetensors")
-    print(f"wrote {out / ('lora_final.safetensors' if network is not None else 'final')}")
+    name = "controlnet" if cfg.controlnet else "lora_final.safetensors" if network is not None else "final"
+    print(f"wrote {out / name}")
