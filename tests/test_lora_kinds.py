@@ -25,9 +25,13 @@ import train_sdxl
 from sdxl import lora
 from sdxl.weights import CheckpointError
 
+from tests.test_lora import tiny  # noqa: E402,F401 (a fixture: the saved tiny model and its folder)
 
 
-from tests.test_lora import _pipe, tiny  # noqa: E402,F401 (tiny is a fixture: the saved tiny model and its folder)
+def _pipe(folder):
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _inputs(seed: int = 1):
