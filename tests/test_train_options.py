@@ -64,9 +64,9 @@ class Spy:
             self.loss_calls.append((batch,))
             return real_inputs(batch, *a, **kw)
 
-        def objective_loss(objective, net, x0, cond, generators):
+        def objective_loss(objective, net, x0, cond, generators, **kw):  # kw: the masked loss's weight
             self.loss_calls[-1] += (objective, x0, generators)
-            return (loss or real_loss)(objective, net, x0, cond, generators)
+            return (loss or real_loss)(objective, net, x0, cond, generators, **kw)
 
         monkeypatch.setattr(sdxl, "load_model", load)
         monkeypatch.setattr(loop, "build_optimizer", build)
