@@ -14,7 +14,7 @@ import train_sdxl
 from sdxl import lora
 from sdxl.config import PRESETS
 from sdxl.unet import UNet, compile_unet
-from tests.conftest import train_args
+from conftest import train_args
 
 # Smaller than the tiny preset (tracing time grows with the op count): two levels, one layer each.
 SMALL = PRESETS["tiny"].unet.__class__(**{**PRESETS["tiny"].unet.__dict__, "block_out_channels": (32, 64),

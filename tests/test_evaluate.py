@@ -29,11 +29,7 @@ def rel(a: float, b: float) -> float:
 
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory) -> Path:
-    """torch-fidelity's Inception with random weights (He-initialised, so the 2048-d features keep their scale).
-    Skipped where the [eval] extra is not installed: torch-fidelity needs torchvision, which PyPI builds only for
-    torch 2.14.1 (CUDA), not for the CPU torch 2.13.0 the test pins use; with `pip install -e ".[eval]"` on torch
-    2.14.1 it runs."""
-    pytest.importorskip("torch_fidelity", reason="the [eval] extra (torch-fidelity, torchvision) is not installed")
+    """torch-fidelity's Inception with random weights (He-initialised, so the 2048-d features keep their scale)."""
     import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
     class Random(tf_inception.FeatureExtractorInceptionV3):

@@ -721,7 +721,7 @@ def test_pixel_lora_round_trips_and_families_are_kept_apart(tiny, tmp_path):
     for merge in (True, False):
         loaded = lora.load_lora(fresh, path, merge=merge)
         try:
-            assert _max_diff(_ours(fresh, i), want) <= 1e-5
+            assert _max_diff(_ours(fresh, i), want) <= 5e-5
         finally:
             loaded.remove()
     assert _max_diff(_ours(fresh, i), base) <= 1e-5

@@ -25,7 +25,7 @@ import train_sdxl
 from sdxl import lora
 from sdxl.weights import CheckpointError
 
-from tests.test_lora import tiny  # noqa: E402,F401 (a fixture: the saved tiny model and its folder)
+from test_lora import tiny  # noqa: E402,F401 (a fixture: the saved tiny model and its folder)
 
 
 def _pipe(folder):

@@ -11,7 +11,7 @@ import torch
 import sdxl
 import train_sdxl
 from sampling import generate
-from tests.conftest import train_args
+from conftest import train_args
 from training import loop
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")

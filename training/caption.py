@@ -5,7 +5,7 @@ The captioner is chosen by what FOLDER holds:
   * a transformers image-to-text model (BLIP, BLIP-2, GIT, ...: config.json and its processor files), run through the
     generic AutoProcessor + AutoModelForImageTextToText and greedy generate(): one sentence per image;
   * a WD14-style tagger (SmilingWolf's wd-*-tagger: model.onnx + selected_tags.csv) through onnxruntime (optional:
-    pip install onnxruntime): comma-separated tags as kohya's tag_images_by_wd14_tagger writes them by default. The
+    pip install -e ".[caption]"): comma-separated tags as kohya's tag_images_by_wd14_tagger writes them by default. The
     image is padded to a white square, resized to the model's input side, fed as BGR 0..255 (N, H, W, 3); a general
     tag (category 0) is kept at probability >= --general_threshold, a character tag (4) at >= --character_threshold,
     in the CSV's order, ratings (9) left out; underscores become spaces in tags longer than 3 characters (not in
@@ -95,7 +95,7 @@ class Tagger:
         try:
             import onnxruntime
         except ImportError:
-            raise CaptionError(f"{folder}: a WD14 tagger needs onnxruntime (pip install onnxruntime)") from None
+            raise CaptionError(f"{folder}: a WD14 tagger needs onnxruntime (pip install -e '.[caption]')") from None
         onnx = sorted(folder.glob("*.onnx"))[0]
         try:
             session = onnxruntime.InferenceSession(str(onnx), providers=onnxruntime.get_available_providers())
