@@ -4,21 +4,27 @@
         --steps 8 --output-dir out/gen
     python generate.py --pretrained_model stable-diffusion-xl-base-1.0 --prompt-file captions.json \\
         --num-images 30000 --batch-size 8 --num-gpus 8 --output-dir out/coco30k
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 generate.py \\
+        --pretrained_model sdxl-base-folder --prompt-file captions.json --num-images 30000 --batch-size 8 \\
+        --compile --output-dir /shared/coco30k    # an output folder every node sees
 
 Image i uses prompt i mod P and seed + i, and batch k holds images kB .. kB+B-1, so the images do not depend on
 the number of GPUs or on restarts: rerunning over the same folder skips finished images and never duplicates an
 entry (a killed run loses only the images in flight). Output: --output-format coco writes
 <out>/images/<12-digit id>.png and <out>/annotations/captions.json; simple writes <out>/<6-digit index>.png and
 <out>/prompts.txt. Each PNG carries its settings in an A1111-style `parameters` text chunk.
-Bad input (prompt file, size, sampler, model or LoRA file, init images and masks, strength, refiner) exits with
-code 2 and one line on stderr.
+Bad input (prompt file, size, sampler, model or LoRA file, init images and masks, strength, refiner, ControlNet and
+control images) exits with code 2 and one line on stderr.
 
     python generate.py --pretrained_model sdxl-base-folder --prompt "a (red:1.3) fox" --prompt-weighting \\
         --init-image photos/ --mask-image masks/ --strength 0.8 --refiner sdxl-refiner-folder --refiner-switch 0.8
+    python generate.py --pretrained_model sdxl-base-folder --prompt-file prompts.txt --controlnet canny-folder \\
+        --control-image edges/ --controlnet-scale 0.7 --control-guidance-end 0.8
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,9 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     p.add_argument("--num-gpus", "--num_gpus", type=int, default=None,
                    help="worker processes, one per GPU (default: all visible GPUs); on a machine without GPUs, "
-                        "that many CPU worker processes (default: 1)")
+                        "that many CPU worker processes (default: 1). One node only: across nodes start generate.py "
+                        "with torchrun, each process on its LOCAL_RANK GPU")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="model dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--compile", nargs="?", const="unet", choices=["unet", "blocks"], default=None,
+                   help="torch.compile the UNet once the LoRAs are merged: unet (the default) = one graph, the most "
+                        "fusion; blocks = each transformer / ResNet block, quicker to compile. The first batch "
+                        "(and a smaller last one) pays the compile time")
     p.add_argument("--output-dir", "--output_dir", default="out/generated",
                    help="created if needed; finished images there are kept and skipped (default: out/generated)")
     p.add_argument("--output-format", "--output_format", choices=["coco", "simple"], default="coco",
@@ -88,6 +99,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt-weighting", "--prompt_weighting", action="store_true",
                    help="A1111 emphasis: (word), (word:1.3), [word], \\( for a literal bracket, BREAK for a new "
                         "75-token chunk (default: off, brackets are text)")
+    g = p.add_argument_group("ControlNet")
+    g.add_argument("--controlnet", default=None,
+                   help="a ControlNet for the model's UNet: a diffusers folder or a single file (diffusers or "
+                        "original names)")
+    g.add_argument("--control-image", "--control_image", default=None,
+                   help="its conditioning image (an edge map, depth, pose...): a file for every prompt, or a folder "
+                        "as --init-image; resized to the output size")
+    g.add_argument("--controlnet-scale", "--controlnet_scale", type=float, default=1.0,
+                   help="the weight of its residuals (default: 1)")
+    g.add_argument("--control-guidance-start", "--control_guidance_start", type=float, default=0.0,
+                   help="the fraction of the steps after which it starts acting (default: 0)")
+    g.add_argument("--control-guidance-end", "--control_guidance_end", type=float, default=1.0,
+                   help="the fraction of the steps after which it stops (default: 1)")
     return p.parse_args(argv)
 
 
@@ -150,6 +174,23 @@ def check_images(a: argparse.Namespace, num_prompts: int) -> tuple[list[str], li
     return inits, masks
 
 
+def check_control(a: argparse.Namespace, num_prompts: int) -> list[str]:
+    """The control images of --control-image, each readable, with a --controlnet file or folder."""
+    if bool(a.controlnet) != bool(a.control_image):
+        raise UsageError("--controlnet and --control-image go together")
+    if not a.controlnet:
+        return []
+    if not Path(a.controlnet).exists():
+        raise UsageError(f"{a.controlnet}: no such ControlNet file or folder")
+    if not 0 <= a.control_guidance_start < a.control_guidance_end <= 1:
+        raise UsageError(f"--control-guidance-start {a.control_guidance_start} and --control-guidance-end "
+                         f"{a.control_guidance_end}: need 0 <= start < end <= 1")
+    files = image_files(a.control_image, "--control-image", num_prompts, a.cycle)
+    for f in sorted({files[k % len(files)] for k in range(num_prompts)}):
+        image_size(f)
+    return files
+
+
 def build_settings(a: argparse.Namespace):
     from sampling.coco import read_prompts
     from sampling.workers import Settings
@@ -193,6 +234,7 @@ def build_settings(a: argparse.Namespace):
             raise UsageError(f"{path}: no such LoRA file")
         loras.append((path, scale))
     inits, masks = check_images(a, min(len(prompts), a.num_images or len(prompts)))  # the prompts in use
+    controls = check_control(a, min(len(prompts), a.num_images or len(prompts)))
     if a.refiner and a.refiner not in PRESETS and not Path(a.refiner).exists():
         raise UsageError(f"{a.refiner}: no such refiner file or folder, and not a preset")
     if a.refiner and not 0 < a.refiner_switch < 1:
@@ -206,7 +248,9 @@ def build_settings(a: argparse.Namespace):
                     model_name=Path(model).stem if Path(model).exists() else model, init_images=inits, masks=masks,
                     strength=a.strength, refiner=a.refiner, refiner_switch=a.refiner_switch,
                     aesthetic_score=a.aesthetic_score, negative_aesthetic_score=a.negative_aesthetic_score,
-                    prompt_weighting=a.prompt_weighting)
+                    prompt_weighting=a.prompt_weighting, controlnet=a.controlnet, control_images=controls,
+                    controlnet_scale=a.controlnet_scale,
+                    control_guidance=(a.control_guidance_start, a.control_guidance_end), compile=a.compile)
 
 
 def check_existing(folder, s, num: int) -> None:
@@ -233,49 +277,82 @@ def write_grid(folder, n: int | None) -> None:
     print(f"wrote {folder.root / 'grid.png'} ({len(first)} images)")
 
 
+def error(message, rank: int = 0) -> None:
+    if rank == 0:  # under torchrun every rank meets the same error: one line
+        print(f"generate.py: error: {message}", file=sys.stderr)
+
+
+def pending_images(folder, s, num: int, n_workers: int, d) -> list[int] | str:
+    """Rank 0 reads the folder (its finished images must have these settings) and clears a killed run's leftovers;
+    every rank gets the indices to make, or the error message (the same plan everywhere, read once)."""
+    import torch
+
+    from training.distributed import gather_objects
+    out = None
+    if d.is_main:
+        try:
+            if not d.enabled and torch.cuda.is_available() and n_workers > torch.cuda.device_count():
+                raise UsageError(f"--num-gpus {n_workers} but only {torch.cuda.device_count()} GPU(s) visible")
+            done = folder.scan()
+            check_existing(folder, s, num)
+            folder.remove_partial()
+            out = [i for i in range(num) if i not in done]
+        except UsageError as e:
+            out = str(e)
+    return gather_objects(out, d)[0]  # rank 0's, before any rank writes
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun
     try:
         s = build_settings(a)
+        if world > 1 and a.num_gpus not in (None, 1):
+            raise UsageError("--num-gpus is for one node; under torchrun each process uses one device (LOCAL_RANK)")
     except (UsageError, ValueError) as e:  # ValueError: unreadable prompt file, unknown sampler
-        print(f"generate.py: error: {e}", file=sys.stderr)
+        error(e, rank)
         return 2
     import torch
 
     from sampling.coco import ImageFolder
-    from sampling.workers import LoadError, WorkerError, run
+    from sampling.workers import LoadError, WorkerError, run, run_distributed
+    from training import distributed
 
     num = a.num_images or len(s.prompts)
-    n_workers = a.num_gpus or max(1, torch.cuda.device_count())
+    n_workers = world if world > 1 else a.num_gpus or max(1, torch.cuda.device_count())
     folder = ImageFolder(s.out_dir, s.fmt)
+    d = distributed.init() if world > 1 else distributed.Dist()  # gloo on CPU, nccl on GPUs
     try:
-        if torch.cuda.is_available() and n_workers > torch.cuda.device_count():
-            raise UsageError(f"--num-gpus {n_workers} but only {torch.cuda.device_count()} GPU(s) visible")
-        done = folder.scan()
-        check_existing(folder, s, num)
-    except UsageError as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        return 2
-    folder.remove_partial()
-    pending = [i for i in range(num) if i not in done]
-    where = f"{n_workers} GPU worker(s)" if torch.cuda.is_available() else f"{n_workers} CPU worker(s)"
-    print(f"{num} images ({num - len(pending)} already done) -> {folder.root} [{s.fmt}], {where}", flush=True)
-    if not pending:
-        folder.write_index()  # repairs an index a killed run left behind
-        write_grid(folder, a.grid)
-        return 0
-    try:
-        run(s, pending, folder, n_workers, num)
+        pending = pending_images(folder, s, num, n_workers, d)
+        if isinstance(pending, str):
+            error(pending, d.rank)
+            return 2
+        kind = "GPU" if torch.cuda.is_available() else "CPU"
+        where = f"{world} {kind} processes (torchrun)" if d.enabled else f"{n_workers} {kind} worker(s)"
+        if d.is_main:
+            print(f"{num} images ({num - len(pending)} already done) -> {folder.root} [{s.fmt}], {where}", flush=True)
+        if not pending:
+            if d.is_main:
+                folder.write_index()  # repairs an index a killed run left behind
+                write_grid(folder, a.grid)
+            return 0
+        if d.enabled:
+            run_distributed(s, pending, folder, num, d)
+        else:
+            run(s, pending, folder, n_workers, num)
     except LoadError as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
+        error(e, d.rank)
         return 2
     except WorkerError as e:  # a worker failed while generating: its traceback is in the message
-        print(f"generate.py: error: {e}", file=sys.stderr)
+        error(e)
         return 1
     except KeyboardInterrupt:  # the index was rewritten after each finished batch
         print("generate.py: interrupted; finished images are kept, rerun to continue", file=sys.stderr)
         return 130
-    write_grid(folder, a.grid)
+    finally:
+        distributed.cleanup(d)
+    if d.is_main:
+        write_grid(folder, a.grid)
     return 0
 
 

@@ -1,14 +1,17 @@
 """The output folder of generate.py: PNGs with their parameters, and a COCO captions file or prompts.txt.
 
 PNGs are written atomically (one that exists is complete) and the index is rebuilt from their text chunks, so a
-rerun after a kill skips what is done and never duplicates an entry. One run at a time per folder.
+rerun after a kill skips what is done and never duplicates an entry. One run at a time per folder. PngWriter saves
+them on a thread of their own, so PNG encoding overlaps the next batch's denoising.
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import queue
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +115,56 @@ class ImageFolder:
         with atomic_path(self.index_path) as tmp:
             tmp.write_text(text, encoding="utf-8")
         return self.index_path
+
+
+class PngWriter:
+    """Saves an ImageFolder's PNGs on one thread (zlib releases the GIL), so encoding overlaps the next batch's
+    denoising. put([(index, image, caption, parameters), ...]) queues a batch, blocking while `depth` batches wait;
+    on_saved(records) runs on the thread once a batch is on disk. An error in the thread is raised in the caller by
+    the next put or by close (the thread drains the queue meanwhile, so the caller never hangs). Used as a context
+    manager, exit waits for the queued batches; a killed run loses them as it loses any image in flight."""
+
+    def __init__(self, folder: ImageFolder, on_saved=None, depth: int = 2):
+        self.folder, self.on_saved = folder, on_saved
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="png-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (items := self.queue.get()) is not None:
+            if self.error is None:  # after an error, only drain
+                try:
+                    records = [self.folder.save(*item) for item in items]
+                    if self.on_saved is not None:
+                        self.on_saved(records)
+                except BaseException as e:
+                    self.error = e
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, items: list) -> None:
+        self._raise()
+        self.queue.put(items)
+
+    def close(self) -> None:
+        """Wait until every queued batch is saved; raise the thread's error if there was one."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self._raise()
+
+    def __enter__(self) -> PngWriter:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if kind is None:
+            self.close()
+        elif self.thread.is_alive():  # an error here: save what is queued, let the caller's error through
+            self.queue.put(None)
+            self.thread.join()
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:

@@ -1,8 +1,9 @@
 """Sharding generation over devices: one worker process per GPU (or CPU processes when there is none).
 
 Image i uses prompt i mod P and seed + i, and batches have fixed boundaries (images kB .. kB+B-1, always made whole),
-so neither the device count nor a resume changes the pixels. Workers write their PNGs and report records to the
-parent, which drives the progress bar and the index file.
+so neither the device count nor a resume changes the pixels. Workers write their PNGs (on a writer thread, while the
+next batch denoises) and report records to the parent, which drives the progress bar and the index file. Under
+torchrun (any number of nodes) rank r of W makes batches r, r + W, ... of the same plan (run_distributed).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .coco import ImageFolder, Record, a1111_parameters
+from .coco import ImageFolder, PngWriter, a1111_parameters
+from sdxl.config import DTYPES
 
 
 @dataclass
@@ -46,6 +48,11 @@ class Settings:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     prompt_weighting: bool = False
+    controlnet: str | None = None  # a ControlNet folder or file, steering the model with control_images
+    control_images: list[str] = field(default_factory=list)  # prompt k's: control_images[k mod len]
+    controlnet_scale: float = 1.0
+    control_guidance: tuple[float, float] = (0.0, 1.0)  # the fraction of the steps it acts on
+    compile: str | None = None  # torch.compile scope of the UNets (sdxl.unet.compile_unet): unet | blocks
 
     def prompt(self, index: int) -> str:
         return self.prompts[index % len(self.prompts)]
@@ -67,6 +74,11 @@ class Settings:
                       "Negative aesthetic score": self.negative_aesthetic_score}
         if self.prompt_weighting:
             extra["Emphasis"] = "Original"
+        if self.controlnet:  # A1111's sd-webui-controlnet key
+            extra["ControlNet 0"] = (f'"Model: {Path(self.controlnet).stem}, Image: '
+                                     f'{Path(self.image(self.control_images, index)).name}, Weight: '
+                                     f'{self.controlnet_scale:g}, Guidance Start: {self.control_guidance[0]:g}, '
+                                     f'Guidance End: {self.control_guidance[1]:g}"')
         return a1111_parameters(self.prompt(index), self.negative_prompt, self.steps, self.sampler, self.cfg_scale,
                                 self.seed + index, self.width, self.height, self.model_name, extra)
 
@@ -79,13 +91,13 @@ class WorkerError(RuntimeError):
     """A worker process failed while generating; the message holds its traceback."""
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_for_generation(s: Settings, device: str | torch.device):
-    """(model with its LoRAs merged, refiner or None), checked against the image size and sampler; any failure is
-    a LoadError."""
+    """(model with its LoRAs merged, refiner or None, ControlNet or None), checked against the image size, sampler
+    and each other; any failure is a LoadError."""
     import sdxl
+    from sdxl.unet import compile_unet
 
     from .pipeline import check_refiner
     try:
@@ -100,9 +112,16 @@ def load_for_generation(s: Settings, device: str | torch.device):
                 check_refiner(model, refiner, s.height, s.width, s.sampler, s.steps)
             except ValueError as e:
                 raise ValueError(f"{s.refiner}: {e}") from None
+        for m in (model, refiner) if s.compile else ():  # after the LoRAs are merged; traced at the first batch
+            if m is not None:
+                compile_unet(m.unet, s.compile)
+        controlnet = sdxl.load_controlnet(s.controlnet, device, DTYPES[s.precision], model.unet.config) \
+            if s.controlnet else None
+        if controlnet is not None:
+            controlnet.check_unet(model.unet, s.controlnet)  # a pixel model, or a ControlNet for another UNet
     except (ValueError, OSError) as e:  # CheckpointError is a ValueError
         raise LoadError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-    return model, refiner
+    return model, refiner, controlnet
 
 
 def plan_batches(pending: list[int], batch_size: int, total: int) -> list[list[int]]:
@@ -111,9 +130,9 @@ def plan_batches(pending: list[int], batch_size: int, total: int) -> list[list[i
     return [list(range(k, min(k + batch_size, total))) for k in starts]
 
 
-def make_batch(models, s: Settings, folder: ImageFolder, batch: list[int], todo: set[int]) -> list[Record]:
-    """Generate the whole `batch` (so its pixels do not depend on what was already done); save those in `todo`.
-    `models`: what load_for_generation returned."""
+def make_batch(models, s: Settings, writer: PngWriter, batch: list[int], todo: set[int]) -> None:
+    """Generate the whole `batch` (so its pixels do not depend on what was already done); queue those in `todo`
+    for saving. `models`: what load_for_generation returned."""
     from PIL import Image
 
     from .pipeline import generate
@@ -126,13 +145,27 @@ def make_batch(models, s: Settings, folder: ImageFolder, batch: list[int], todo:
             with Image.open(s.image(files, i)) as im:
                 out.append(im.convert(mode))
         return out
-    model, refiner = models
+    model, refiner, controlnet = models
     images = generate(model, [s.prompt(i) for i in batch], s.negative_prompt, height=s.height, width=s.width,
                       steps=s.steps, guidance_scale=s.cfg_scale, sampler=s.sampler, seed=[s.seed + i for i in batch],
                       init_image=read(s.init_images, "RGB"), strength=s.strength, mask_image=read(s.masks, "L"),
                       refiner=refiner, refiner_switch=s.refiner_switch, aesthetic_score=s.aesthetic_score,
-                      negative_aesthetic_score=s.negative_aesthetic_score, prompt_weighting=s.prompt_weighting)
-    return [folder.save(i, im, s.prompt(i), s.parameters(i)) for i, im in zip(batch, images) if i in todo]
+                      negative_aesthetic_score=s.negative_aesthetic_score, prompt_weighting=s.prompt_weighting,
+                      controlnet=controlnet, control_image=read(s.control_images, "RGB"),
+                      controlnet_scale=s.controlnet_scale, control_guidance_start=s.control_guidance[0],
+                      control_guidance_end=s.control_guidance[1])
+    writer.put([(i, im, s.prompt(i), s.parameters(i)) for i, im in zip(batch, images) if i in todo])
+
+
+def generate_batches(models, s: Settings, folder: ImageFolder, batches: list[list[int]], todo: set[int],
+                     on_saved, stop=lambda: False) -> None:
+    """Make `batches` in order while a PngWriter saves the previous ones; on_saved(records) runs on its thread after
+    each batch is on disk. `stop()` is asked before each batch."""
+    with PngWriter(folder, on_saved) as writer:
+        for batch in batches:
+            if stop():
+                break
+            make_batch(models, s, writer, batch, todo)
 
 
 def _progress(folder: ImageFolder, total: int) -> tqdm:
@@ -153,10 +186,8 @@ def _worker(rank: int, device: str, threads: int, s: Settings, batches: list[lis
         results.put(("ready", rank))
         # A parent killed with SIGKILL cannot stop us: stop by ourselves after the batch in flight.
         folder, parent = ImageFolder(s.out_dir, s.fmt), mp.parent_process()
-        for batch in batches:
-            if not parent.is_alive():
-                break
-            results.put(("batch", make_batch(model, s, folder, batch, todo)))
+        generate_batches(model, s, folder, batches, todo, lambda records: results.put(("batch", records)),
+                         stop=lambda: not parent.is_alive())
         if not parent.is_alive():
             results.cancel_join_thread()  # nobody reads the queue any more: do not wait to flush it at exit
             return
@@ -175,9 +206,10 @@ def run(s: Settings, pending: list[int], folder: ImageFolder, num_workers: int, 
     if num_workers == 1:
         model = load_for_generation(s, devices[0])
         with _progress(folder, total) as bar:
-            for batch in batches:
-                bar.update(len(make_batch(model, s, folder, batch, todo)))
+            def saved(records):  # on the writer thread, the only one that touches the folder meanwhile
+                bar.update(len(records))
                 folder.write_index()
+            generate_batches(model, s, folder, batches, todo, saved)
         return
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -221,3 +253,28 @@ def run(s: Settings, pending: list[int], folder: ImageFolder, num_workers: int, 
             if p.is_alive():
                 p.terminate()
             p.join()
+
+
+def run_distributed(s: Settings, pending: list[int], folder: ImageFolder, total: int, d) -> None:
+    """torchrun: this rank (`d`, a training.distributed.Dist) makes batches rank, rank + W, ... of the one-process
+    plan on its device, so every image is the one a single process makes. A model that some rank cannot load is
+    a LoadError on every rank, before any image is made. After a barrier rank 0 writes the index from the PNGs on
+    disk, once: the index of the whole run (a killed run's index is repaired by the next run, as on one node)."""
+    from training import distributed
+    todo = set(pending)
+    batches = plan_batches(pending, s.batch_size, total)[d.rank::d.world_size]
+    try:
+        model, error = load_for_generation(s, d.device), None
+    except LoadError as e:
+        model, error = None, str(e)
+    errors = [e for e in distributed.gather_objects(error, d) if e]
+    if errors:
+        raise LoadError(errors[0])
+    mine = sum(i in todo for batch in batches for i in batch)
+    with tqdm(total=mine, unit="img", desc=f"generating (rank 0 of {d.world_size})", dynamic_ncols=True,
+              disable=not d.is_main) as bar:
+        generate_batches(model, s, folder, batches, todo, lambda records: bar.update(len(records)))
+    distributed.barrier(d)
+    if d.is_main:
+        folder.scan()
+        folder.write_index()
