@@ -6,6 +6,10 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the --precision names
+
 
 def from_dict(cls, d: dict):
     """A config dataclass from `dataclasses.asdict` output (JSON lists back to tuples, nested configs rebuilt)."""

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from .lora import FAMILY_KEY, LoRA, LoRANetwork, save_lora, select
 from .model import load_model
 from .weights import CheckpointError, atomic_path, read_header, read_state_dict, save_safetensors
+from .config import DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _KEYS = ("lora_down.weight", "lora_up.weight")
 
 

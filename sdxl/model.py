@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 
 from . import convert, diffusion
 from .config import PRESETS, ModelConfig, PixelConfig, UNetConfig, VAEConfig
+from .diffusion import DDPMObjective  # the latent family's objective, re-exported
 from .pixel import PixelSDXL, is_pixel_folder, load_pixel_folder, pixel_from_latent, pixel_preset
 from .samplers import make_denoiser, resolve_sampler, schedule_for
 from .text_encoders import CLIPTokenizer, DualCLIP, text_encoder_config
@@ -37,54 +38,6 @@ SCHEDULER_CONFIG = {
     "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
 }
 _META_KEY = "sdxl_mini_config"  # safetensors metadata entry holding the ModelConfig of a single file
-
-
-@dataclass
-class DDPMObjective:
-    """Noise latents at sampled timesteps, predict, and return the per-sample (weighted) MSE.
-
-    x_t = sqrt(abar) x0 + sqrt(1 - abar) eps with eps (+ noise_offset * a per-channel shift) and t drawn from
-    each sample's own generator; the target is the model's parameterisation (eps / v / x0), or v for every model
-    with loss_type "velocity" (the prediction converted to v first); min_snr_gamma weights by Min-SNR.
-    """
-    alphas_cumprod: torch.Tensor
-    prediction_type: str = "epsilon"
-    loss_type: str = "native"
-    min_snr_gamma: float | None = None
-    noise_offset: float = 0.0
-    timestep_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    t_range: tuple[int, int] | None = None
-
-    def noisy(self, x0: torch.Tensor, generators: list[torch.Generator]):
-        """(x_t, t, noise, abar), each sample's draws from its own generator in a fixed order."""
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=g.device) for g in generators])
-        if self.noise_offset:
-            noise = noise + self.noise_offset * torch.stack([torch.randn(x0.shape[1], 1, 1, generator=g,
-                                                                         device=g.device) for g in generators])
-        t = torch.cat([diffusion.sample_timesteps(1, self.timestep_sampling, mean=self.logit_mean,
-                                                  std=self.logit_std, t_range=self.t_range, generator=g)
-                       for g in generators])
-        noise, t = noise.to(x0.device), t.to(x0.device)  # no-ops when the generators live on x0's device
-        if self.alphas_cumprod.device != x0.device:  # moved once, not every step
-            self.alphas_cumprod = self.alphas_cumprod.to(x0.device)
-        abar = self.alphas_cumprod[t]
-        return diffusion.add_noise(x0, noise, abar), t, noise, abar
-
-    def loss(self, net, x0: torch.Tensor, cond: tuple, generators: list[torch.Generator],
-             weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample loss (B,); `weight` (B, 1, h, w): a loss mask (diffusion.per_sample_mean)."""
-        x_t, t, noise, abar = self.noisy(x0, generators)
-        pred, kind = net(x_t, t, *cond).float(), self.prediction_type
-        if self.loss_type == "velocity":
-            pred = diffusion.v_target(diffusion.to_x0(pred, x_t, abar, kind), diffusion.to_eps(pred, x_t, abar, kind),
-                                      abar)
-            kind = "v_prediction"
-        loss = diffusion.per_sample_mean((pred - diffusion.training_target(x0, noise, abar, kind)).pow(2), weight)
-        if self.min_snr_gamma:
-            loss = loss * diffusion.min_snr_weight(abar / (1 - abar), self.min_snr_gamma, kind)
-        return loss
 
 
 class SDXL(nn.Module):
@@ -132,11 +85,13 @@ class SDXL(nn.Module):
 
     def objective(self, prediction_type=None, loss_type="native", min_snr_gamma=None, noise_offset=0.0,
                   timestep_sampling=None, logit_mean=None, logit_std=None, timestep_range=None,
-                  zero_terminal_snr=False, **unused) -> DDPMObjective:
+                  zero_terminal_snr=False, huber_c=0.1, huber_schedule="snr", debiased_estimation=False,
+                  timestep_bias=None, **unused) -> DDPMObjective:
         return DDPMObjective(diffusion.get_alphas_cumprod(zero_terminal_snr=zero_terminal_snr),
                              prediction_type or self.config.prediction_type, loss_type, min_snr_gamma,
                              noise_offset, timestep_sampling or "uniform", logit_mean or 0.0,
-                             1.0 if logit_std is None else logit_std, timestep_range)
+                             1.0 if logit_std is None else logit_std, timestep_range, huber_c, huber_schedule,
+                             debiased_estimation, timestep_bias)
 
     def param_groups(self, lr: float, unet_train_blocks: str = "all", **unused) -> list[dict]:
         part = self.unet.up_blocks if unet_train_blocks == "up" else self.unet

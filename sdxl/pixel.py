@@ -160,12 +160,23 @@ def _jit_timesteps(generators, mode: str, mean: float, std: float, device) -> to
 class JiTObjective:
     """JiT (arXiv 2511.13720): z = t x + (1 - t) e with e ~ N(0, noise_scale^2), t = 1 clean, t drawn logit-normal
     or uniform; the net predicts x at timestep 1000 (1 - t); the loss is the MSE between the velocities
-    v = (x - z) / max(1 - t, t_eps) and v_pred = (x_pred - z) / max(1 - t, t_eps)."""
+    v = (x - z) / max(1 - t, t_eps) and v_pred = (x_pred - z) / max(1 - t, t_eps), or their huber / smooth_l1
+    distance (diffusion.elementwise_loss), the Huber constant scheduled over the noise fraction s = 1 - t and the
+    noise level sigma = noise_scale (1 - t) / t of z / t = x + sigma e (diffusion.huber_c_schedule)."""
     noise_scale: float = 1.0
     t_eps: float = 0.05
     timestep_sampling: str = "logit_normal"
     logit_mean: float = -0.8
     logit_std: float = 0.8
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"
+
+    def distance(self, diff: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The element-wise loss of `diff` for samples at t."""
+        c = None if self.loss_type == "l2" else diffusion.huber_c_schedule(
+            self.huber_schedule, self.huber_c, 1 - t, self.noise_scale * (1 - t) / t)
+        return diffusion.elementwise_loss(diff, self.loss_type, c)
 
     def noisy(self, x: torch.Tensor, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, t): each sample's noise, then its t, from its own generator."""
@@ -179,7 +190,7 @@ class JiTObjective:
         z, t = self.noisy(x, generators)
         x_pred = net(z, 1000 * (1 - t), *cond).float()
         denom = (1 - t).clamp(min=self.t_eps).reshape(-1, 1, 1, 1)
-        return diffusion.per_sample_mean(((x - x_pred) / denom).pow(2), weight)  # v - v_pred = (x - x_pred) / denom
+        return diffusion.per_sample_mean(self.distance((x - x_pred) / denom, t), weight)  # v - v_pred
 
 
 @dataclass
@@ -238,9 +249,11 @@ class PixelSDXL(nn.Module):
     # Training options that need a VAE, a latent or a DDPM schedule: with a pixel model each is an error.
     unused_options = {
         "cache_latents": "it has no latents to cache", "vae": "it has no VAE", "vae_precision": "it has no VAE",
-        "prediction_type": "it predicts x (JiT)", "loss_type": "it trains on the JiT velocity loss",
-        "min_snr_gamma": "a DDPM loss weight", "noise_offset": "a DDPM-noise option",
+        "prediction_type": "it predicts x (JiT)", "min_snr_gamma": "a DDPM loss weight",
+        "debiased_estimation": "a DDPM loss weight", "noise_offset": "a DDPM-noise option",
         "zero_terminal_snr": "a DDPM-schedule option", "timestep_range": "a DDPM-timestep option",
+        **{f"timestep_bias_{k}": "a DDPM-timestep option" for k in ("strategy", "multiplier", "begin", "end",
+                                                                     "portion")},
         "controlnet": "a ControlNet steers a latent UNet"}
     autoencoder = None  # model space is pixel space
 
@@ -268,11 +281,20 @@ class PixelSDXL(nn.Module):
 
     # ---- training
     def objective(self, timestep_sampling=None, logit_mean=None, logit_std=None, teacher=None,
-                  train_encoder: str = "both", **unused):
-        c = self.config
+                  train_encoder: str = "both", loss_type: str = "l2", huber_c: float = 0.1,
+                  huber_schedule: str = "snr", **unused):
+        """JiT's loss (loss_type native = l2, huber or smooth_l1 on the velocity; "velocity" is what it already is),
+        or codec distillation from a latent `teacher` (MSE only)."""
+        c, loss_type = self.config, "l2" if loss_type == "native" else loss_type
+        if loss_type not in diffusion.LOSS_TYPES:
+            raise ValueError(f"--loss_type {loss_type} does not apply to a pixel model (its JiT loss is on the "
+                             "velocity already): use l2, huber or smooth_l1")
+        if teacher is not None and loss_type != "l2":
+            raise ValueError(f"--loss_type {loss_type} does not apply to codec distillation (--teacher_checkpoint): "
+                             "it is an MSE")
         jit = JiTObjective(c.noise_scale, c.t_eps, timestep_sampling or "logit_normal",
                            c.logit_mean if logit_mean is None else logit_mean,
-                           c.logit_std if logit_std is None else logit_std)
+                           c.logit_std if logit_std is None else logit_std, loss_type, huber_c, huber_schedule)
         if teacher is None:
             return jit
         if getattr(teacher, "family", None) != "latent" or teacher.config.unet != c.unet:

@@ -19,8 +19,9 @@ from training import distributed  # noqa: E402
 _wrap = distributed.wrap
 
 
-def spy(module, d, groups, fsdp=False, unet=None):
-    wrapped, groups = _wrap(module, d, groups, fsdp, unet)
+def spy(module, d, groups, fsdp=False, unet=None, param_dtype=None):
+    wrapped, groups = _wrap(module, d, groups, fsdp, unet, param_dtype)
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
     params = {}
     for name, p in module.named_parameters():
@@ -37,8 +38,9 @@ def spy(module, d, groups, fsdp=False, unet=None):
            "static_graph": wrapped.static_graph,  # forward_sync_buffers was broadcast_buffers before torch 2.13
            "sync_buffers": getattr(wrapped, "forward_sync_buffers", getattr(wrapped, "broadcast_buffers", None))
            } if type(wrapped).__name__ == "DistributedDataParallel" else None
+    units = [n for n, m in module.named_modules() if isinstance(m, FSDPModule)]
     (out / f"wrap_rank{d.rank}.json").write_text(json.dumps({"wrapper": type(wrapped).__name__,
-                                                              "params": params, "ddp": ddp}))
+                                                              "params": params, "ddp": ddp, "units": units}))
     return wrapped, groups
 
 

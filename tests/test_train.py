@@ -20,6 +20,7 @@ import sdxl
 import train_sdxl
 from sdxl import diffusion
 from sdxl.model import DDPMObjective
+from training import distributed
 from training.ema import EMA
 
 
@@ -175,6 +176,10 @@ def test_fsdp_shards_and_equals_one_process_and_resumes(data, tmp_path):
         assert r["wrapper"] == "FSDPTrainee"  # fully_shard swaps the class in place: no wrapper module
         assert all(p["placements"] == ["Shard(0)"] for p in r["params"].values())
         assert all(p["global"] == sizes[n] for n, p in r["params"].items())
+    unet = sdxl.load_model("tiny").unet  # a unit per resnet and transformer block, the levels, and the root
+    units = {n for n, m in unet.named_modules() if any(m is u for u in distributed.fsdp_units(unet))}
+    blocks = {n for n, m in unet.named_modules() if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")}
+    assert blocks and blocks <= units and set(ranks[0]["units"]) == {""} | {f"unet.{n}" for n in units}
     for n, size in sizes.items():  # ...and the two local shards hold it between them, once
         assert sum(r["params"][n]["local"] for r in ranks) == size, n
     assert sum(r["params"][n]["local"] for n in sizes for r in ranks[1:]) < 0.55 * sum(sizes.values())
@@ -276,6 +281,21 @@ def test_ema_against_hand_computation():
     with ema.applied():
         assert torch.allclose(p, expected)
     assert torch.equal(p.detach(), torch.tensor([-1.0, -1.0]))
+
+
+def test_ema_every_n_steps_against_hand_computation():
+    """--ema_every 2: an update at steps 2 and 4 only, each with d_t^2 (t in steps), from the live value then."""
+    p = torch.nn.Parameter(torch.tensor([1.0]))
+    ema, expected = EMA([("p", p)], decay=0.9, warmup=True, every=2), 1.0
+    for step, value in enumerate([3.0, 5.0, -1.0, 7.0], start=1):
+        with torch.no_grad():
+            p.fill_(value)
+        if step % 2 == 0:
+            ema.update()
+            t = step - 2
+            d = min(0.9, (1 + t) / (10 + t)) ** 2
+            expected = d * expected + (1 - d) * value
+    assert ema.num_updates == 2 and torch.allclose(ema.shadow["p"], torch.tensor([expected]))
 
 
 def test_cached_latents_and_text_train_like_uncached(data, tmp_path):

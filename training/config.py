@@ -78,15 +78,29 @@ class TrainConfig:
     alpha_mask: bool = _f(False, "weight the loss by each image's own alpha channel (a masked loss)")
     prediction_type: str | None = _f(None, "epsilon | v_prediction | sample (default: the model's)",
                                      choices=["epsilon", "v_prediction", "sample"])
-    loss_type: str = _f("native", "native: MSE in the model's parameterisation; velocity: MSE on v",
-                        choices=["native", "velocity"])
+    loss_type: str = _f("native", "native or l2: MSE in the model's parameterisation; velocity: MSE on v; huber / "
+                        "smooth_l1: kohya's pseudo-Huber / smooth L1 with --huber_c",
+                        choices=["native", "velocity", "l2", "huber", "smooth_l1"])
+    huber_c: float = _f(0.1, "--loss_type huber / smooth_l1: the Huber constant c (where the loss turns linear)")
+    huber_schedule: str = _f("snr", "--loss_type huber / smooth_l1: c over the noise levels as kohya's: constant; "
+                             "exponential c^(t/T) (1 clean, c at pure noise); snr (1 - c) / (1 + sigma)^2 + c",
+                             choices=["constant", "exponential", "snr"])
     min_snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual)")
+    debiased_estimation: bool = _f(False, "debiased-estimation loss weight 1 / sqrt(SNR) (kohya's; 1 / (SNR + 1) "
+                                   "with v-prediction), SNR capped at 1000")
     noise_offset: float = _f(0.0, "noise offset (0.0357 in SDXL's own training)")
     timestep_sampling: str | None = _f(None, "uniform | logit_normal (default: the model's; uniform for latent "
                                        "SDXL, logit_normal for pixel models)", choices=["uniform", "logit_normal"])
     logit_mean: float | None = _f(None, "logit-normal mean (default: the model's; 0 latent, -0.8 pixel)")
     logit_std: float | None = _f(None, "logit-normal std (default: the model's; 1 latent, 0.8 pixel)")
     timestep_range: str = _f("0,1000", "a,b: train timesteps in [a, b)")
+    timestep_bias_strategy: str = _f("none", "diffusers' timestep bias: weight the later (noisier) or earlier "
+                                     "--timestep_bias_portion of the timesteps, or [begin, end), by the multiplier",
+                                     choices=["none", "earlier", "later", "range"])
+    timestep_bias_multiplier: float = _f(1.0, "timestep bias: weight of the biased timesteps (2: twice as often)")
+    timestep_bias_begin: int = _f(0, "timestep bias range: first timestep")
+    timestep_bias_end: int = _f(1000, "timestep bias range: end (exclusive, as diffusers' slice)")
+    timestep_bias_portion: float = _f(0.25, "timestep bias earlier / later: the fraction of timesteps biased")
     zero_terminal_snr: bool = _f(False, "rescale the schedule to zero terminal SNR (use with v_prediction)")
     # optimisation
     learning_rate: float = _f(1e-4, "UNet (or LoRA) learning rate")
@@ -100,7 +114,15 @@ class TrainConfig:
     lr_scheduler: str = _f("constant", "constant | cosine | linear, after warmup",
                            choices=["constant", "cosine", "linear"])
     lr_warmup_steps: int = _f(0, "linear warmup steps")
-    max_grad_norm: float | None = _f(1.0, "gradient clipping (0 or none: off)")
+    max_grad_norm: float | None = _f(1.0, "gradient clipping (0 or none: off); with --fused_backward_pass each "
+                                     "parameter's gradient is clipped on its own")
+    block_lr: str | None = _f(None, "a TOML file whose [block_lr] table sets learning rates by block: diffusers UNet "
+                              "names (down_blocks.1, mid_block, up_blocks.0, conv_in, ...; other: whatever is "
+                              "outside the down / mid / up blocks), text_encoder, text_encoder_2 (longest name "
+                              "wins); unlisted parameters keep their usual learning rate")
+    fused_backward_pass: bool = _f(False, "step the optimizer (adamw or adafactor, one per parameter) in each "
+                                   "parameter's post-accumulate-grad hook, so the gradients are never all alive "
+                                   "at once; --max_grad_norm then clips each parameter's gradient on its own")
     batch_size: int = _f(1, "images per device per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     num_epochs: int = _f(10, "epochs (ignored when --max_steps is set)")
@@ -109,6 +131,8 @@ class TrainConfig:
     # precision and memory
     precision: str = _f("bf16", "bf16 | fp16 | fp32", choices=["bf16", "fp16", "fp32"])
     full_bf16: bool = _f(False, "bf16 trainable weights and optimizer state too (less memory, less precise)")
+    stochastic_rounding: bool = _f(False, "--full_bf16: compute each update in fp32 and round the bf16 weights and "
+                                   "optimizer state stochastically (unbiased: small updates are not lost)")
     vae_precision: str | None = _f(None, "VAE dtype (default: fp32 for a VAE that overflows in fp16)",
                                    choices=["bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
@@ -120,6 +144,8 @@ class TrainConfig:
     ema_decay: float | None = _f(None, "keep an EMA of the trained weights with this decay (e.g. 0.9999)")
     ema_warmup: bool = _f(True, "EMA warmup: decay_t = min(decay, (1 + t) / (10 + t))")
     ema_cpu: bool = _f(False, "keep the EMA on the CPU")
+    ema_every: int = _f(1, "update the EMA every N steps, with decay^N (the same horizon): a CPU EMA's copies "
+                           "then cross the bus once every N steps")
     ema_snapshots: bool = _f(False, "also keep two power-function EMAs and write snapshots to <out>/ema_snapshots "
                                     "for `python -m training.post_hoc_ema` (any EMA length after training)")
     # checkpoints and logging
@@ -133,6 +159,11 @@ class TrainConfig:
     sample_steps: int = _f(20, "sampler steps for validation images")
     sample_sampler: str = _f("euler", "sampler for validation images")
     sample_cfg: float = _f(5.0, "guidance scale for validation images")
+    validation_split: float | None = _f(None, "hold out this fraction of the training images (a fixed split, the "
+                                        "same for every --seed) for a validation loss")
+    validation_data_dir: str | None = _f(None, "validation loss on this image folder (captions as --data_dir)")
+    validation_every: int | None = _f(None, "validation loss every N steps and at the end (default: a tenth of "
+                                      "the run): fixed noise and timesteps per image, no gradients, live weights")
     log_every: int = _f(10, "write metrics every N steps (read from the device one step late, never mid-step)")
     wandb: bool = _f(False, "log to Weights & Biases (WANDB_MODE=offline works without network)")
     wandb_project: str = _f("sdxl-mini", "wandb project")
@@ -158,6 +189,15 @@ class TrainConfig:
         if not 0 <= a < b <= 1000:
             raise ConfigError(f"--timestep_range {a},{b} must satisfy 0 <= a < b <= 1000")
         return a, b
+
+    @property
+    def timestep_bias(self):
+        """diffusion.TimestepBias of the --timestep_bias_* flags, or None."""
+        from sdxl.diffusion import TimestepBias
+        if self.timestep_bias_strategy == "none":
+            return None
+        return TimestepBias(self.timestep_bias_strategy, self.timestep_bias_multiplier, self.timestep_bias_begin,
+                            self.timestep_bias_end, self.timestep_bias_portion)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -260,6 +300,8 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
         raise ConfigError("--cache_latents fixes the crop when caching; it cannot be used with --random_crop")
     if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
         raise ConfigError("--ema_decay must be in (0, 1)")
+    if cfg.ema_every < 1:
+        raise ConfigError("--ema_every must be >= 1")
     if cfg.sample_every is not None and not cfg.sample_prompts:
         raise ConfigError("--sample_every needs --sample_prompts")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
@@ -267,6 +309,9 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard")
     validate_masks_and_controlnet(cfg, given)
+    validate_objective(cfg, given)
+    validate_validation(cfg, given)
+    validate_block_lr_fused(cfg)
     cfg.timestep_bounds  # noqa: B018 - raises on a malformed range
     from sdxl.model import model_class
     family = model_class(cfg.pretrained_model, cfg.model_type)
@@ -274,6 +319,9 @@ def validate(cfg: TrainConfig, given: set[str]) -> None:
     if unused:
         name, why = next(iter(unused.items()))
         raise ConfigError(f"--{name} does not apply to a {family.family} model ({why})")
+    if cfg.block_lr and family.family == "pixel":
+        raise ConfigError("--block_lr applies to latent SDXL (a pixel model's learning rates: --learning_rate and "
+                          "--lr_sdxl_unet_body)")
 
 
 def validate_masks_and_controlnet(cfg: TrainConfig, given: set[str]) -> None:
@@ -310,3 +358,102 @@ def validate_masks_and_controlnet(cfg: TrainConfig, given: set[str]) -> None:
                               f"({bare[0].name} has none)")
     elif not cfg.conditioning_dir:
         raise ConfigError("--controlnet needs --conditioning_dir (or conditioning_data_dir in --dataset_config)")
+
+
+def validate_objective(cfg: TrainConfig, given: set[str]) -> None:
+    """Huber constant and schedule, timestep bias, stochastic rounding."""
+    huber = cfg.loss_type in ("huber", "smooth_l1")
+    for name in ("huber_c", "huber_schedule"):
+        if name in given and not huber:
+            raise ConfigError(f"--{name} given without --loss_type huber or smooth_l1")
+    if not cfg.huber_c > 0:
+        raise ConfigError(f"--huber_c must be positive, got {cfg.huber_c}")
+    bias = [n for n in ("multiplier", "begin", "end", "portion") if f"timestep_bias_{n}" in given]
+    if cfg.timestep_bias_strategy == "none" and bias:
+        raise ConfigError(f"--timestep_bias_{bias[0]} given without --timestep_bias_strategy")
+    if cfg.timestep_bias_strategy != "none":
+        if not cfg.timestep_bias_multiplier > 0:
+            raise ConfigError("--timestep_bias_multiplier must be positive (to skip timesteps use --timestep_range)")
+        if cfg.timestep_bias_strategy == "range" and not 0 <= cfg.timestep_bias_begin < cfg.timestep_bias_end <= 1000:
+            raise ConfigError(f"--timestep_bias_begin {cfg.timestep_bias_begin} and --timestep_bias_end "
+                              f"{cfg.timestep_bias_end} must satisfy 0 <= begin < end <= 1000")
+        if cfg.timestep_bias_strategy != "range" and not 0.001 <= cfg.timestep_bias_portion <= 1:
+            raise ConfigError(f"--timestep_bias_portion must be in [0.001, 1] (a timestep at least), got "
+                              f"{cfg.timestep_bias_portion}")
+        if cfg.timestep_sampling == "logit_normal":
+            raise ConfigError("--timestep_bias_strategy reweights uniform timesteps: drop --timestep_sampling "
+                              "logit_normal")
+    if cfg.stochastic_rounding:
+        if not cfg.full_bf16:
+            raise ConfigError("--stochastic_rounding rounds bf16 master weights: it needs --full_bf16")
+        if cfg.optimizer in ("adamw8bit", "prodigy") or cfg.fsdp:
+            raise ConfigError("--stochastic_rounding works with --optimizer adamw, adafactor, lion or sgd, "
+                              "without --fsdp")
+
+
+def validate_validation(cfg: TrainConfig, given: set[str]) -> None:
+    """--validation_split / --validation_data_dir / --validation_every."""
+    held = cfg.validation_split is not None or cfg.validation_data_dir is not None
+    if cfg.validation_split is not None and cfg.validation_data_dir:
+        raise ConfigError("give --validation_split or --validation_data_dir, not both")
+    if "validation_every" in given and not held:
+        raise ConfigError("--validation_every given without --validation_split or --validation_data_dir")
+    if cfg.validation_every is not None and cfg.validation_every < 1:
+        raise ConfigError("--validation_every must be at least 1")
+    if cfg.validation_split is not None:
+        if not 0 < cfg.validation_split < 1:
+            raise ConfigError(f"--validation_split must be in (0, 1), got {cfg.validation_split}")
+        if cfg.train_shards:
+            raise ConfigError("--validation_split splits a folder or metadata source: with --train_shards give "
+                              "--validation_data_dir")
+    if held and cfg.demo:
+        raise ConfigError("--demo measures prompt adherence itself: drop --validation_split / "
+                          "--validation_data_dir")
+    if cfg.validation_data_dir and cfg.controlnet:
+        raise ConfigError("--controlnet needs conditioning images beside the validation images: use "
+                          "--validation_split")
+
+
+def load_block_lr(path: str) -> dict[str, float]:
+    """The [block_lr] table of `path`: {block name: learning rate}; dotted TOML keys (down_blocks.1 = ...) are
+    joined back into names. Whether each name exists is checked against the model (training/loop.py)."""
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("block_lr")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such --block_lr file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    if not isinstance(table, dict) or not table:
+        raise ConfigError(f"{path}: no [block_lr] table (e.g. [block_lr] down_blocks.1 = 5e-5)")
+    out: dict[str, float] = {}
+
+    def flatten(t: dict, prefix: str) -> None:
+        for k, v in t.items():
+            if isinstance(v, dict):
+                flatten(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0:
+                out[prefix + k] = float(v)
+            else:
+                raise ConfigError(f"{path}: [block_lr] {prefix}{k} = {v!r} is not a learning rate (a number >= 0)")
+    flatten(table, "")
+    return out
+
+
+def validate_block_lr_fused(cfg: TrainConfig) -> None:
+    """--block_lr's file and --fused_backward_pass's limits."""
+    if cfg.block_lr:
+        load_block_lr(cfg.block_lr)
+        if cfg.controlnet:
+            raise ConfigError("--block_lr sets the UNet's and text encoders' learning rates: it does not apply to "
+                              "--controlnet")
+    if not cfg.fused_backward_pass:
+        return
+    if cfg.gradient_accumulation_steps > 1:
+        raise ConfigError("--fused_backward_pass steps as each gradient is made: it cannot accumulate "
+                          "(--gradient_accumulation_steps 1)")
+    if cfg.optimizer not in ("adamw", "adafactor"):
+        raise ConfigError(f"--fused_backward_pass works with --optimizer adamw or adafactor, not {cfg.optimizer}")
+    if cfg.precision == "fp16":
+        raise ConfigError("--fused_backward_pass cannot unscale fp16 gradients (GradScaler): use --precision bf16")
+    if cfg.fsdp or cfg.stochastic_rounding:
+        raise ConfigError("--fused_backward_pass cannot be used with --fsdp or --stochastic_rounding")

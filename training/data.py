@@ -446,6 +446,27 @@ def balance_repeats(records: Sequence[ImageRecord], subsets: Sequence[Subset]) -
     return repeats
 
 
+HOLDOUT_SEED = 0  # the validation split's: the same held-out images for every --seed, so runs compare
+
+
+def split_holdout(records: Sequence[ImageRecord], subsets: Sequence[Subset],
+                  fraction: float) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(training records, held-out records): round(fraction n) (at least 1) of the n distinct training images,
+    drawn from their sorted paths by a fixed seed (HOLDOUT_SEED); regularisation images always train, and every
+    record of a held-out image leaves training (repeats too). The held-out records come one per image, sorted."""
+    paths = sorted({r.path for r in records if not subsets[r.subset].is_reg})
+    k = max(1, round(fraction * len(paths)))
+    if k >= len(paths):
+        raise DatasetError(f"--validation_split {fraction} holds out {k} of the {len(paths)} training images: "
+                           "none would be left to train on")
+    held = set(random.Random(f"holdout:{HOLDOUT_SEED}").sample(paths, k))
+    first = {}
+    for r in records:
+        if r.path in held:
+            first.setdefault(r.path, r)
+    return [r for r in records if r.path not in held], [first[p] for p in sorted(first)]
+
+
 def expand_braces(pattern: str) -> list[str]:
     """Shell / WebDataset brace expansion: "a-{000..002}.tar" -> a-000, a-001, a-002; "{x,y}" -> x, y."""
     m = re.search(r"\{([^{}]*)\}", pattern)
@@ -554,6 +575,7 @@ class BucketDataset(_Source, Dataset):
             raise DatasetError("caption shuffling / dropout makes captions differ every step: "
                                "their embeddings cannot be cached, encode them in the loop")
         self.latent_cache, self.text_cache = latent_cache, text_cache
+        self.held_out: list[ImageRecord] = []  # images kept out of training for a validation loss (open_dataset)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -824,11 +846,12 @@ def open_dataset(data_dir: str | os.PathLike | None = None,
                  metadata_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None, *,
                  dataset_config: str | os.PathLike | None = None, reg_data_dir: str | os.PathLike | None = None,
                  mask_dir: str | None = None, conditioning_dir: str | None = None, alpha_mask: bool = False,
-                 **options) -> BucketDataset:
+                 holdout: float | None = None, **options) -> BucketDataset:
     """A BucketDataset of a kohya dataset TOML, else of the metadata files (image paths relative to them, then to
     data_dir), else of the folder data_dir (`N_name` folders in it: N repeats each), plus the regularisation
     folder's; mask and conditioning folders mirror data_dir; alpha_mask: an image of a subset without a mask folder
-    is its own mask (its alpha channel); options as BucketDataset's. Tar shards: open_stream."""
+    is its own mask (its alpha channel); holdout: a fraction of the images kept out of training, in the dataset's
+    `held_out` records (split_holdout); options as BucketDataset's. Tar shards: open_stream."""
     stats = options.setdefault("stats", DataStats())
     if dataset_config:
         subsets = load_dataset_config(dataset_config)
@@ -849,7 +872,10 @@ def open_dataset(data_dir: str | os.PathLike | None = None,
         records = [r if subsets[r.subset].mask_dir else _alpha_mask(r, stats) for r in records]
     if not records and data_dir and os.path.isdir(data_dir) and any(Path(data_dir).rglob("*.tar")):
         raise DatasetError(f"{data_dir}: no images but .tar files: pass tar shards as --train_shards")
-    return BucketDataset(records, subsets=subsets, source=", ".join(s.name for s in subsets), **options)
+    records, held = split_holdout(records, subsets, holdout) if holdout else (records, [])
+    ds = BucketDataset(records, subsets=subsets, source=", ".join(s.name for s in subsets), **options)
+    ds.held_out = held
+    return ds
 
 
 def open_stream(train_shards: str | Sequence[str], **options) -> ShardStream:

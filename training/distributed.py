@@ -1,9 +1,10 @@
 """Process groups and model wrapping; models know nothing of this. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
 (multi-node too), else this is one process; nccl on GPUs, gloo on CPU. `wrap` applies DDP, or FSDP2 (`fully_shard`,
-one unit per UNet block, then the root) for full fine-tunes too big for one GPU. Saved state is the unwrapped module's.
+one unit per resnet and transformer block, then per level, then the root) for full fine-tunes too big for one GPU. Saved state is the unwrapped module's.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -56,19 +57,35 @@ def any_true(flag: bool, d: Dist, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def wrap(module: nn.Module, d: Dist, groups: list[dict], fsdp: bool = False,
-         unet: nn.Module | None = None) -> tuple[nn.Module, list[dict]]:
-    """DDP, or FSDP2 when `fsdp`, around `module`, with the param `groups` re-pointed at FSDP2's new parameters."""
+def fsdp_units(unet: nn.Module | None) -> list[nn.Module]:
+    """FSDP2's shard units, innermost first: every resnet and transformer block (one all-gather brings in one block's
+    weights, as checkpointing recomputes one block), then each UNet level for what is left (norms, projections,
+    down/upsamplers), where a level has any.  The pixel body's placeholder levels hold none."""
+    if unet is None:
+        return []
+    from sdxl.unet import BasicTransformerBlock, ResnetBlock2D
+    blocks = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+    inner = {id(p) for b in blocks for p in b.parameters()}
+    levels = [m for m in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+              if any(id(p) not in inner for p in m.parameters())]  # a level with parameters of its own
+    return blocks + levels
+
+
+def wrap(module: nn.Module, d: Dist, groups: list[dict], fsdp: bool = False, unet: nn.Module | None = None,
+         param_dtype: torch.dtype | None = None) -> tuple[nn.Module, list[dict]]:
+    """DDP, or FSDP2 when `fsdp`, around `module`, with the param `groups` re-pointed at FSDP2's new parameters.
+    Under FSDP2 the weights are all-gathered in `param_dtype` (bf16 under bf16 autocast: half the traffic and the
+    gathered copies) and gradients reduce-scattered in fp32."""
     if not d.enabled:
         return module, groups
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         names = {id(p): n for n, p in module.named_parameters()}
         group_names = [[names[id(p)] for p in g["params"]] for g in groups]
-        for b in [*unet.down_blocks, unet.mid_block, *unet.up_blocks] if unet is not None else []:
-            if any(True for _ in b.parameters()):  # the pixel body's placeholder levels hold none
-                fully_shard(b)
-        fully_shard(module)
+        mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        for m in fsdp_units(unet):
+            fully_shard(m, mp_policy=mp)
+        fully_shard(module, mp_policy=mp)
         params = dict(module.named_parameters())
         return module, [{**g, "params": [params[n] for n in ns]} for g, ns in zip(groups, group_names)]
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -79,6 +96,17 @@ def wrap(module: nn.Module, d: Dist, groups: list[dict], fsdp: bool = False,
     new = "forward_sync_buffers" in inspect.signature(DDP).parameters
     return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None, gradient_as_bucket_view=True,
                bucket_cap_mb=100, **{"forward_sync_buffers" if new else "broadcast_buffers": False}), groups
+
+
+def gradient_sync(wrapped: nn.Module, sync: bool, d: Dist, fsdp: bool):
+    """A context for one micro-batch's backward: gradients are all-reduced (DDP) or reduce-scattered (FSDP2) only
+    when `sync` (the last micro-batch of an accumulation); the others accumulate locally."""
+    if not d.enabled:
+        return contextlib.nullcontext()
+    if fsdp:
+        wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else wrapped.no_sync()
 
 
 def full_state(module: nn.Module, optimizer, fsdp: bool) -> tuple[dict, dict]:

@@ -2,7 +2,9 @@
 
     ema_t = d_t * ema_{t-1} + (1 - d_t) * theta_t,   d_t = min(decay, (1 + t) / (10 + t)) with warmup, else decay
 
-(t counts EMA updates from 0). The warmup keeps early averages from being dominated by the initial weights.
+(t counts EMA updates from 0). With an update every N steps (`every`), t counts steps and the decay is d_t^N: the
+same horizon with N times fewer copies (for a CPU EMA, fewer trips over the bus). The warmup keeps early averages
+from being dominated by the initial weights.
 """
 from __future__ import annotations
 
@@ -48,15 +50,15 @@ def lerp_(shadow_sets: list[list[torch.Tensor]], params: list[torch.Tensor], wei
 
 class EMA:
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float, warmup: bool = True,
-                 device: str | torch.device | None = None):
-        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+                 device: str | torch.device | None = None, every: int = 1):
+        self.decay, self.warmup, self.num_updates, self.every = decay, warmup, 0, every
         self.params = dict(named_params)
         self.shadow = {n: p.detach().to(device or p.device, torch.float32, copy=True) for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self) -> None:
-        t = self.num_updates
-        d = min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay
+        t = self.num_updates * self.every  # in steps: an update every N steps applies N steps' decay at once
+        d = (min(self.decay, (1 + t) / (10 + t)) if self.warmup else self.decay) ** self.every
         lerp_([list(self.shadow.values())], list(self.params.values()), [1.0 - d])  # s = d s + (1 - d) p
         self.num_updates += 1
 

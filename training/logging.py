@@ -16,6 +16,7 @@ from tqdm import tqdm
 from sdxl.weights import atomic_path
 
 CURVES = ("loss", "lr", "grad_norm")  # the panels of curves.png, top to bottom
+OVERLAYS = {"loss": ("val_loss", (255, 127, 14))}  # drawn in a panel beside its curve: held-out loss, in orange
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -53,25 +54,34 @@ def image_grid(images: list[Image.Image], captions: list[str] | None = None, col
     return grid
 
 
+def _series(rows: list[dict], name: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+
+
 def plot_curves(metrics: Path, out: Path, width: int = 720, panel: int = 180) -> None:
-    """curves.png: loss, learning rate and gradient norm against the step, one panel each, from metrics.jsonl."""
+    """curves.png: loss (with the validation loss beside it), learning rate and gradient norm against the step, one
+    panel each, from metrics.jsonl."""
     rows = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
     img = Image.new("RGB", (width, panel * len(CURVES)), "white")
     draw, font = ImageDraw.Draw(img), ImageFont.load_default()
     left, right = 70, width - 12
     for k, name in enumerate(CURVES):
         top, bottom = k * panel + 20, (k + 1) * panel - 22
-        pts = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
+        lines = [(name, _series(rows, name), (31, 119, 180))]
+        if name in OVERLAYS and (extra := _series(rows, OVERLAYS[name][0])):
+            lines.append((OVERLAYS[name][0], extra, OVERLAYS[name][1]))
+        pts = [p for _, series, _ in lines for p in series]
         draw.rectangle((left, top, right, bottom), outline=(170, 170, 170))
-        last = f"   last {pts[-1][1]:.4g} (step {pts[-1][0]})" if pts else "   (nothing logged yet)"
-        draw.text((left, top - 16), name + last, fill="black", font=font)
+        title = "    ".join(f"{n}   last {s[-1][1]:.4g} (step {s[-1][0]})" for n, s, _ in lines if s)
+        draw.text((left, top - 16), title or name + "   (nothing logged yet)", fill="black", font=font)
         if not pts:
             continue
         (s0, s1), (v0, v1) = [(min(c), max(c)) for c in zip(*pts)]
         s1, v1 = max(s1, s0 + 1), v1 if v1 > v0 else v0 + (abs(v0) or 1.0) * 0.1  # a flat curve sits at the bottom
-        xy = [(left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - v0) / (v1 - v0) * (bottom - top))
-              for s, v in pts]
-        draw.line(xy + xy[-1:] * (len(xy) == 1), fill=(31, 119, 180), width=2)
+        for _, series, colour in (line for line in lines if line[1]):
+            xy = [(left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - v0) / (v1 - v0) * (bottom - top))
+                  for s, v in series]
+            draw.line(xy + xy[-1:] * (len(xy) == 1), fill=colour, width=2)
         for text, at in ((f"{v1:.3g}", (4, top)), (f"{v0:.3g}", (4, bottom - 10)),
                          (str(s0), (left, bottom + 4)), (str(s1), (right - 8 * len(str(s1)), bottom + 4))):
             draw.text(at, text, fill=(90, 90, 90), font=font)

@@ -10,6 +10,7 @@ so resumed, N-process and 1-process runs with the same global batch see the same
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib
@@ -24,15 +25,17 @@ from torch import nn
 
 import sdxl
 from sdxl import lora
-from training import checkpoint, distributed
-from training.config import ConfigError, TrainConfig
+from training import checkpoint, distributed, stochastic_rounding
+from training.config import ConfigError, TrainConfig, load_block_lr
 from training.logging import Logger, peak_memory_gb
+from training.validation import open_validation, validation_loss
+from sdxl.config import DTYPES
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MAX_NONFINITE = 10  # non-finite steps in a row before the run saves and stops
 POSTHOC_STDS = (0.05, 0.10)  # the power-function EMA profiles of --ema_snapshots (EDM2 keeps two)
 OBJECTIVE_OPTIONS = ("prediction_type", "loss_type", "min_snr_gamma", "noise_offset", "timestep_sampling",
-                     "logit_mean", "logit_std", "zero_terminal_snr", "train_encoder")
+                     "logit_mean", "logit_std", "zero_terminal_snr", "train_encoder", "huber_c", "huber_schedule",
+                     "debiased_estimation", "timestep_bias")
 
 
 class Trainee(nn.Module):
@@ -77,6 +80,7 @@ class Run:
     source: object  # the batches: EpochBatches, a ShardStream or the demo's stream
     autocast: object
     fsdp: bool
+    validation: object = None  # the held-out images (training/validation.py), or None
 
     @property
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -99,54 +103,10 @@ def unused_text_layers(text, clip_skip: int = 0) -> list[str]:
     return layers + ["text_encoder.text_model.final_layer_norm."]
 
 
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "lion": 4, "prodigy": 16, "sgd": 4}
-
-
-def activation_bytes(unet: nn.Module, x_shape: tuple[int, ...], ctx_len: int, dtype: torch.dtype,
-                     checkpointing: bool) -> int:
-    """Bytes autograd saves for the backward pass in one forward of `unet`'s network: counted exactly on the meta
-    device (no memory, no compute), as the sum of the tensors saved by every op."""
-    total, seen = 0, set()
-
-    def pack(t):
-        nonlocal total
-        key = (id(t.untyped_storage()) if not t.is_meta else id(t), t.data_ptr() if not t.is_meta else 0)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-        return t
-
-    net, cfg = unet.blank().to(dtype), unet.config
-    net.set_gradient_checkpointing(checkpointing)
-    net.train()
-    with torch.device("meta"):
-        b = x_shape[0]
-        x = torch.zeros(x_shape, dtype=dtype, requires_grad=True)
-        args = (torch.zeros(b), torch.zeros(b, ctx_len, cfg.cross_attention_dim, dtype=dtype),
-                torch.zeros(b, cfg.pooled_dim, dtype=dtype), torch.zeros(b, cfg.num_time_ids))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(x, *args)
-    return total
-
-
 def memory_plan(cfg: TrainConfig, model, trainable: list[nn.Parameter], network, largest_bucket) -> str:
-    gib = 2**30
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    if network is not None:
-        weights += sum(p.numel() * p.element_size() for p in network.parameters())
-    n_train = sum(p.numel() for p in trainable)
-    grads = sum(p.numel() * p.element_size() for p in trainable)
-    opt = n_train * OPTIMIZER_STATE_BYTES[cfg.optimizer] // (2 if cfg.full_bf16 and cfg.optimizer == "adamw" else 1)
-    ema = n_train * 4 * ((1 if cfg.ema_decay else 0) + (2 if cfg.ema_snapshots else 0)) if not cfg.ema_cpu else 0
-    h, w = largest_bucket
-    act = activation_bytes(model.unet, (cfg.batch_size, *model.space(h, w)), 77, DTYPES[cfg.precision],
-                           cfg.gradient_checkpointing)
-    rows = [("weights", weights), ("gradients", grads), (f"optimizer ({cfg.optimizer})", opt), ("EMA", ema),
-            (f"activations ({w}x{h} px, batch {cfg.batch_size})", act)]
-    lines = [f"memory plan: {n_train / 1e6:.2f}M trainable parameters"]
-    lines += [f"  {name:<44s} {b / gib:8.2f} GiB" for name, b in rows]
-    lines.append(f"  {'total (before allocator overhead)':<44s} {sum(b for _, b in rows) / gib:8.2f} GiB")
-    return "\n".join(lines)
+    """The memory plan printed before the first step (counted in training/memory.py)."""
+    from training.memory import memory_plan as plan
+    return plan(cfg, model, trainable, network, largest_bucket)
 
 
 def data_options(cfg: TrainConfig) -> dict:
@@ -218,20 +178,59 @@ def what_trains(cfg: TrainConfig, model, teacher, device, master: torch.dtype):
                                           teacher=teacher, train_encoder=cfg.train_encoder,
                                           lr_sdxl_unet_body=cfg.lr_sdxl_unet_body)
         towers = (model.text.text_encoder, model.text.text_encoder_2) if cfg.train_text_encoder else ()
-        param_groups += [{"params": list(enc.parameters()), "lr": lr}
-                         for enc, lr in zip(towers, (lrs["lora_te1_"], lrs["lora_te2_"])) if enc is not None]
+        param_groups += [{"name": name, "params": list(enc.parameters()), "lr": lr} for enc, lr, name in
+                         zip(towers, (lrs["lora_te1_"], lrs["lora_te2_"]), ("text_encoder", "text_encoder_2"))
+                         if enc is not None]
         for p in (p for g in param_groups for p in g["params"]):
             p.data = p.data.to(master)
             p.requires_grad_(True)
         for n, p in model.text.named_parameters():
             p.requires_grad_(p.requires_grad and not any(n.startswith(f) for f in frozen))
         param_groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in param_groups]
+    if cfg.block_lr:
+        param_groups = block_lr_groups(load_block_lr(cfg.block_lr), model, network, param_groups)
     if cfg.gradient_checkpointing:
         model.unet.set_gradient_checkpointing(True)
         for enc in (model.text.text_encoder, model.text.text_encoder_2) if text_trains else ():
             if enc is not None:
                 getattr(enc, "text_model", enc).gradient_checkpointing_enable()
     return Trainee(model.unet, model.text if text_trains else None, network).train(), network, param_groups
+
+
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+
+
+def block_lr_groups(block_lr: dict[str, float], model, network, groups: list[dict]) -> list[dict]:
+    """`groups` split by --block_lr's names (lora.inject's diffusers block names, "other" for the UNet's parameters
+    outside its down / mid / up blocks): a listed block's parameters (a LoRA adapter's: the layer it adapts) get its
+    learning rate, in a group of its name; the rest keep their group and rate. ConfigError on an unknown name."""
+    parts = {c: m for c, m in lora._parts(model).items() if m is not None}
+    names = {f"{c}.{p}".removeprefix("unet.").strip(".") for c, m in parts.items() for p, _ in m.named_modules()}
+    if bad := sorted(set(block_lr) - names - {"other"}):
+        raise ConfigError(f"--block_lr: no block {bad[0]!r} in this model (diffusers names, e.g. down_blocks.1, "
+                          "mid_block, up_blocks.0, other, text_encoder_2)")
+    where = {id(p): (c, n.rpartition(".")[0]) for c, m in parts.items() for n, p in m.named_parameters()}
+    for name, adapter in network.named_children() if network is not None else ():
+        t = network.targets[name]
+        where.update({id(p): (t.component, t.path) for p in adapter.parameters()})
+    keys = {k: k for k in block_lr if k != "other"}
+    out: dict[tuple, dict] = {}
+    for g in groups:
+        for p in g["params"]:
+            component, path = where[id(p)]
+            key = lora._per_block(keys, path if component == "unet" else f"{component}.{path}".strip("."))
+            if key is None and component == "unet" and "other" in block_lr and not path.startswith(UNET_BLOCKS):
+                key = "other"
+            name, lr = (g.get("name", "lora"), g["lr"]) if key is None else (key, block_lr[key])
+            out.setdefault((name, lr), {**g, "name": name, "lr": lr, "params": []})["params"].append(p)
+    return list(out.values())
+
+
+def describe_groups(groups: list[dict]) -> str:
+    """The optimizer's parameter groups as the run plan prints them: name, learning rate, parameter count."""
+    rows = [f"  {g.get('name', 'group')}: lr {g['lr']:g}, {sum(p.numel() for p in g['params']):,} parameters"
+            for g in groups]
+    return "\n".join(["learning-rate groups:"] + rows)
 
 
 def controlnet_to_train(cfg: TrainConfig, model, device, master: torch.dtype) -> nn.Module:
@@ -247,6 +246,10 @@ def controlnet_to_train(cfg: TrainConfig, model, device, master: torch.dtype) ->
 
 
 def build_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device):
+    if cfg.fused_backward_pass:  # one optimizer per parameter, stepped in the backward pass
+        from training.fused_backward import FusedBackward
+        plain = dataclasses.replace(cfg, fused_backward_pass=False)
+        return FusedBackward(lambda gs: build_optimizer(plain, gs, device), groups, cfg.max_grad_norm)
     wd, cuda = cfg.weight_decay, device.type == "cuda"
     adam = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_eps, "weight_decay": wd}
     if cfg.optimizer == "adamw":
@@ -277,9 +280,6 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
             return max(0.0, 1 - progress)
         return 1.0
     return f
-
-
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 1, "lion": 4, "prodigy": 16, "sgd": 4}
 
 
 class EpochBatches:
@@ -347,7 +347,7 @@ def open_source(cfg: TrainConfig, model, d, out: Path, autocast):
                       reg_data_dir=cfg.reg_data_dir, seed=cfg.seed, stats=stats, latent_cache=latent_cache,
                       text_cache=text_cache, mask_dir=cfg.mask_dir, conditioning_dir=cfg.conditioning_dir,
                       alpha_mask=cfg.alpha_mask, with_masks=masked, with_conditioning=cfg.controlnet,
-                      **data_options(cfg))
+                      holdout=cfg.validation_split, **data_options(cfg))
     with torch.no_grad(), autocast():
         if latent_cache is not None:
             latent_cache.build(ds, model.encode, rank=d.rank, world_size=d.world_size, progress=d.is_main)
@@ -419,8 +419,7 @@ def train_step(run: Run, batches, step: int) -> tuple[torch.Tensor, int]:
         gens = [torch.Generator(d.device).manual_seed(sample_seed(cfg.seed, step, micro, d.rank * cfg.batch_size + i))
                 for i in range(n)]
         kw = batch_inputs(batch, run.model, text_trains, d.device, run.autocast)
-        sync = micro == accum - 1 or not d.enabled or run.fsdp
-        with run.wrapped.no_sync() if not sync else contextlib.nullcontext(), run.autocast():
+        with distributed.gradient_sync(run.wrapped, micro == accum - 1, d, run.fsdp), run.autocast():
             loss = run.wrapped(run.objective, generators=gens, **kw).mean() / accum
         run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -434,6 +433,9 @@ def main(cfg: TrainConfig) -> int:
     """Train, writing checkpoints, metrics and the final weights into --output_dir; 0 when done or stopped on
     request (a checkpoint is saved), 1 when it stopped on non-finite losses (saved too)."""
     d = distributed.init()
+    if cfg.fused_backward_pass and d.enabled:
+        raise ConfigError("--fused_backward_pass steps each parameter before DDP averages its gradient: train in "
+                          "one process")
     out = prepare_output(cfg, d)
     torch.manual_seed(cfg.seed)
     device, wdtype = d.device, DTYPES[cfg.precision]
@@ -444,23 +446,30 @@ def main(cfg: TrainConfig) -> int:
     if cfg.compile:  # after LoRA is attached, before DDP / FSDP wrap it
         sdxl.unet.compile_unet(model.unet, cfg.compile)
     fsdp = cfg.fsdp and d.enabled  # FSDP2 replaces parameters: the optimizer is built after it
-    wrapped, groups = distributed.wrap(trainee, d, groups, fsdp, model.unet)
+    wrapped, groups = distributed.wrap(trainee, d, groups, fsdp, model.unet,
+                                      None if cfg.precision == "fp32" else wdtype)
     optimizer = build_optimizer(cfg, groups, device)
     source, ds, stats, free_encoders = open_source(cfg, model, d, out, autocast)
-    if free_encoders:  # every latent and caption is cached: the loop never needs the encoders
+    validation = open_validation(cfg, ds, data_options(cfg), cfg.masked_loss or cfg.alpha_mask)
+    if free_encoders and validation is None:  # every latent and caption is cached: the loop never needs the encoders
         model.text.to("cpu"), model.autoencoder.to("cpu")
     total_steps = cfg.max_steps or cfg.num_epochs * source.steps_per_epoch
-    objective = model.objective(teacher=teacher, timestep_range=cfg.timestep_bounds,
-                                **{k: getattr(cfg, k) for k in OBJECTIVE_OPTIONS})
+    try:  # options the family cannot combine (a pixel model's velocity loss, ...) are the flags' fault
+        objective = model.objective(teacher=teacher, timestep_range=cfg.timestep_bounds,
+                                    **{k: getattr(cfg, k) for k in OBJECTIVE_OPTIONS})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     run = Run(cfg, d, out, model, trainee, wrapped, objective, optimizer,
               torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps)),
               torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
-              make_emas(cfg, trainee, device), source, autocast, fsdp)
+              make_emas(cfg, trainee, device), source, autocast, fsdp, validation)
     step = resume(run)
     if d.is_main:  # every input checked: the run's folder starts here
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
         plan = describe(run, ds, stats, network, total_steps, step)
+        if cfg.block_lr:
+            print(describe_groups(groups))
     logger = Logger(str(out), total_steps, step, d.is_main, vars(cfg), cfg.wandb, cfg.wandb_project,
                     cfg.wandb_run_name, cfg.tensorboard, plan if d.is_main else "")
     exit_code = loop(run, logger, step, total_steps)
@@ -532,15 +541,28 @@ def optimizer_step(run: Run, trainable: list[nn.Parameter], loss: torch.Tensor) 
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a replicated DTensor
     loss = distributed.all_reduce_mean(loss, run.d)
     finite = torch.isfinite(loss) & torch.isfinite(norm)
+    step = optimizer.step
+    if run.cfg.stochastic_rounding:  # bf16 weights updated in fp32; the rounding's bits seeded by (seed, step)
+        bits = torch.Generator(run.d.device).manual_seed(sample_seed(run.cfg.seed, run.scheduler.last_epoch, -1, 0))
+        step = functools.partial(stochastic_rounding.step, optimizer, bits)
     if getattr(optimizer, "_step_supports_amp_scaling", False) and not scaler.is_enabled():
         optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
-        optimizer.step()
+        step()
         del optimizer.grad_scale, optimizer.found_inf
     elif finite:  # a host read: the optimizer cannot skip by itself
-        scaler.step(optimizer)
+        scaler.step(optimizer) if scaler.is_enabled() else step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss, norm, finite
+
+
+def fused_step(run: Run, loss: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """--fused_backward_pass: the parameters stepped in the backward (training/fused_backward.py); (mean loss,
+    norm of all the gradients before clipping, finite) as optimizer_step returns them."""
+    norm = run.optimizer.take_norm()
+    loss = distributed.all_reduce_mean(loss, run.d)
+    run.optimizer.step()  # nothing left to do: the LR scheduler sees a step
+    return loss, norm, torch.isfinite(loss) & torch.isfinite(norm)
 
 
 def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
@@ -553,6 +575,7 @@ def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
     trainable = [p for _, p in run.named_trainable]
     watch, exit_code, t_last, images = Watch(d.device, min(cfg.log_every, MAX_NONFINITE)), 0, time.perf_counter(), 0
     snapshot_every = cfg.save_interval_steps or max(1, total_steps // 10)
+    validate_every = cfg.validation_every or max(1, total_steps // 10)
     batches = iter(run.source)
     try:
         while step < total_steps:
@@ -560,12 +583,13 @@ def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
             loss, n = train_step(run, batches, step)
             images += n
             exit_code = report(watch.read(), logger, d.device)  # the last snapshot, read with this step queued
-            loss, norm, finite = optimizer_step(run, trainable, loss)
+            loss, norm, finite = fused_step(run, loss) if cfg.fused_backward_pass else \
+                optimizer_step(run, trainable, loss)
             watch.count(finite)
             lr_used = run.scheduler.get_last_lr()[0]  # what this step used (logged), before the update
             run.scheduler.step()
             step += 1
-            if emas["ema"] is not None:
+            if emas["ema"] is not None and step % cfg.ema_every == 0:
                 emas["ema"].update()
             if emas["power"] is not None:
                 emas["power"].update(step)
@@ -576,6 +600,8 @@ def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
                 t_last, images = now, 0
                 if step == total_steps or exit_code:
                     exit_code = report(watch.read(), logger, d.device, final=True) or exit_code
+            if run.validation is not None and (step % validate_every == 0 or step == total_steps):
+                log_validation(run, logger, step)
             if emas["power"] is not None and d.is_main and (step % snapshot_every == 0 or step == total_steps):
                 emas["power"].save_snapshots(run.out / "ema_snapshots", step)
             if cfg.sample_every and step % cfg.sample_every == 0:
@@ -592,6 +618,16 @@ def loop(run: Run, logger: Logger, step: int, total_steps: int) -> int:
         for s, h in handlers.items():
             signal.signal(s, h)
     return exit_code
+
+
+def log_validation(run: Run, logger: Logger, step: int) -> None:
+    """val_loss of the held-out triples with the live weights, on every rank (FSDP's forward is a collective)."""
+    text_trains = run.trainee.text is not None
+    value = validation_loss(run.trainee, run.objective, run.validation,
+                            lambda b: batch_inputs(b, run.model, text_trains, run.d.device, run.autocast),
+                            run.d.device, run.autocast)
+    logger.log(step, {"val_loss": value})
+    logger.write(f"step {step}: val_loss {value:.6g}")
 
 
 def report(reading, logger: Logger, device: torch.device, final: bool = False) -> int:
@@ -623,7 +659,7 @@ def make_emas(cfg: TrainConfig, trainee: nn.Module, device) -> dict:
     from training.ema import EMA
     from training.post_hoc_ema import PowerEMA
     named, where = [(n, p) for n, p in trainee.named_parameters() if p.requires_grad], "cpu" if cfg.ema_cpu else device
-    return {"ema": EMA(named, cfg.ema_decay, cfg.ema_warmup, where) if cfg.ema_decay else None,
+    return {"ema": EMA(named, cfg.ema_decay, cfg.ema_warmup, where, cfg.ema_every) if cfg.ema_decay else None,
             "power": PowerEMA(named, POSTHOC_STDS, where) if cfg.ema_snapshots else None}
 
 
@@ -691,6 +727,8 @@ def describe(run: Run, ds, stats, network, total_steps: int, step: int) -> str:
           f"parameters, {sum(p.numel() for p in trainable) / 1e6:.2f}M trained); batches of {cfg.batch_size} x "
           f"{run.d.world_size} device(s), accumulation {cfg.gradient_accumulation_steps}: {total_steps} steps in all "
           f"(starting at {step})")
+    if run.validation is not None:
+        print(run.validation.describe(cfg.validation_every or max(1, total_steps // 10)))
     plan = memory_plan(cfg, model, trainable, network, largest)
     print(plan)
     return plan
